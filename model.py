@@ -71,6 +71,9 @@ UNET_PRESETS = {
     "sdxl": UNetConfig(channels=(320, 640, 1280), depth=(0, 2, 10), mid_depth=10, heads=(5, 10, 20), context_dim=2048,
                        linear_proj=True, add_time_dim=256, add_in_dim=2816, sample_size=128),
     # tiny models of each family for tests
+    # the toy world's teacher (toy/build.py): 8x8x4 latents, SD1-style, ~1.8M parameters
+    "toy": UNetConfig(channels=(32, 64, 64), layers_per_block=1, depth=(1, 1, 1), heads=(2, 2, 2), context_dim=64,
+                      norm_groups=8, sample_size=8),
     "tiny-sd1": UNetConfig(channels=(32, 64), depth=(1, 0), heads=(2, 2), context_dim=32, norm_groups=8, sample_size=16),
     "tiny-sd2": UNetConfig(channels=(32, 64), depth=(1, 1), heads=(2, 4), context_dim=48, linear_proj=True,
                            norm_groups=8, sample_size=16),
@@ -81,6 +84,8 @@ VAE_PRESETS = {
     "sd": VAEConfig(),
     "sdxl": VAEConfig(scaling_factor=0.13025, force_upcast=True),
     "tiny": VAEConfig(channels=(32, 64), norm_groups=8, sample_size=32),
+    # the toy world (toy/build.py): 32x32 images -> 8x8x4 latents; scaling_factor is measured after training
+    "toy": VAEConfig(channels=(16, 32, 64), layers_per_block=1, norm_groups=8, sample_size=32),
 }
 
 # -----------------------------------------------------------------------------

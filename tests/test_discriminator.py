@@ -1,0 +1,75 @@
+"""discriminator.py: zero-initialised branches leave the teacher's features unchanged at step 0; every switch works."""
+import pytest
+import torch
+
+import model
+from discriminator import Discriminator
+
+
+def teacher(name="tiny-sd1"):
+    torch.manual_seed(0)
+    return model.UNet(model.UNET_PRESETS[name]).eval()
+
+
+def inputs(cfg, b=2):
+    g = torch.Generator().manual_seed(3)
+    x, z = torch.randn(b, 4, 16, 16, generator=g), torch.randn(b, 4, 16, 16, generator=g)
+    ctx = torch.randn(b, 5, cfg.context_dim, generator=g)
+    extra = {}
+    if cfg.add_time_dim:
+        extra = dict(pooled=torch.randn(b, cfg.add_in_dim - 6 * cfg.add_time_dim, generator=g),
+                     time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]] * b))
+    return x, z, ctx, extra
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sdxl"])
+def test_step0_features_equal_teacher(name):
+    """With z conditioning and multiscale input on, D's last decoder features equal the teacher UNet's at t_D."""
+    T = teacher(name)
+    D = Discriminator(T, t_D=0).eval()
+    x, z, ctx, extra = inputs(T.cfg)
+    feats = {}
+    T.conv_norm_out.register_forward_hook(lambda m, i, o: feats.__setitem__("teacher", i[0]))
+    D.out_head[0].register_forward_hook(lambda m, i, o: feats.__setitem__("D", i[0]))
+    with torch.no_grad():
+        T(x, torch.zeros(2), ctx, **extra)
+        D(x, z, ctx, **extra)
+    assert torch.equal(feats["D"], feats["teacher"])
+    # and the new branches do change them once they are no longer zero
+    with torch.no_grad():
+        D.z_conv.weight.normal_()
+        D(x, z, ctx, **extra)
+    assert not torch.allclose(feats["D"], feats["teacher"])
+
+
+def test_heads_and_switches():
+    T = teacher()
+    cfg = T.cfg
+    x, z, ctx, _ = inputs(cfg)
+    full = Discriminator(T)
+    n_heads = 3 * len(cfg.channels) * (cfg.layers_per_block + 1) + 1
+    out = full(x, z, ctx)
+    assert len(out) == n_heads and all(o.shape[:2] == (2, 1) for o in out)
+    assert {o.shape[-1] for o in out} == {16, 8}  # every decoder scale of the tiny model is judged
+    plain = Discriminator(T, z_cond=False, ms_input=False, ms_output=False)
+    assert plain.z_conv is None and plain.x_convs is None and len(plain(x, z, ctx)) == 1
+    scratch = Discriminator(T, init="scratch")
+    assert not torch.equal(scratch.unet.conv_in.weight, T.conv_in.weight)
+    assert torch.equal(full.unet.conv_in.weight, T.conv_in.weight)
+    with pytest.raises(ValueError, match="must be 'teacher' or 'scratch'"):
+        Discriminator(T, init="imagenet")
+
+
+def test_gradients_reach_x_z_and_every_head():
+    T = teacher()
+    D = Discriminator(T)
+    x, z, ctx, _ = inputs(T.cfg)
+    x.requires_grad_(True)
+    with torch.no_grad():  # heads start at zero, which blocks the gradient to x: give them a value
+        for p in D.parameters():
+            if p.abs().sum() == 0 and p.dim() == 4:
+                p.normal_(0, 0.1)
+    sum(o.mean() for o in D(x, z, ctx)).backward()
+    assert x.grad.abs().sum() > 0
+    assert D.z_conv.weight.grad.abs().sum() > 0 and all(c.weight.grad.abs().sum() > 0 for c in D.x_convs)
+    assert all(h[2].weight.grad is not None for hs in D.heads for h in hs)
