@@ -1,0 +1,153 @@
+"""The toy world's data and metrics: toy/shapes.py, toy/classifier.py and the math of eval.py."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from eval import feature_stats, frechet_distance, toy_metrics
+from toy import classifier, shapes
+
+# -----------------------------------------------------------------------------
+# dataset
+
+
+def test_sample_is_deterministic_and_independent_of_batching():
+    seeds = [7, 3, 10**9 + 5, 0, 123456]
+    x, caps, labels = shapes.make_batch(seeds)
+    x2, caps2, labels2 = shapes.make_batch(seeds[::-1])
+    assert torch.equal(x, x2.flip(0)) and caps == caps2[::-1] and torch.equal(labels, labels2.flip(0))
+    for i, s in enumerate(seeds):  # one at a time, and through the PIL image: the same bytes
+        img, cap, lab = shapes.sample(s)
+        assert img.tobytes() == shapes.sample(s)[0].tobytes()
+        assert torch.equal(x[i], shapes.make_batch([s])[0][0]) and cap == caps[i] and lab == labels[i].tolist()
+        assert np.array_equal(np.asarray(img), ((x[i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    assert not torch.equal(x[0], x[1])  # different seeds, different images
+    assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+
+
+def test_seeds_train_and_val_are_disjoint():
+    val = shapes.val_seeds(10000)
+    assert val[0] == shapes.VAL_SEED0 and len(set(val)) == 10000
+    with safe_open(str(classifier.DEFAULT_PATH), "pt") as f:  # the committed classifier saw seeds 0 .. n-1
+        n_train = json.loads(f.metadata()["report"])["train_seeds"]
+    assert n_train <= shapes.VAL_SEED0
+    with pytest.raises(AssertionError):
+        classifier.train(steps=shapes.VAL_SEED0, batch_size=2)
+
+
+def test_n_objects_is_forced():
+    for n in (1, 2):
+        _, caps, labels = shapes.make_batch(range(50), n_objects=n)
+        assert all(c.count(" and ") == n - 1 for c in caps)
+        assert ((labels[:, shapes.LABELS.index("shape2")] != shapes.NONE) == (n == 2)).all()
+    _, _, labels = shapes.make_batch(range(200))  # the default mixes both
+    assert 50 < (labels[:, shapes.LABELS.index("shape2")] != shapes.NONE).sum() < 150
+
+
+def parse(caption):
+    """An independent reading of a caption back into the 9 labels."""
+    obj = r"a (\w+) (\w+) (\w+) (on the left|in the center|on the right)"
+    m = re.fullmatch(rf"{obj}(?: and {obj})? on a (\w+) background", caption)
+    assert m, caption
+    words = [w.split()[-1] if w else "none" for w in m.groups()]  # "on the left" -> "left"
+    return [shapes.CLASSES[k].index(w) for k, w in zip(shapes.LABELS, words)]
+
+
+def test_captions_match_labels_and_images():
+    for seed in range(300):
+        img, cap, labels = shapes.sample(seed)
+        assert parse(cap) == labels and shapes.caption(labels) == cap
+        assert set(cap.split()) <= set(shapes.VOCAB)
+        name = {k: shapes.CLASSES[k][i] for k, i in zip(shapes.LABELS, labels)}
+        a = np.asarray(img).astype(int)
+        assert (a[0, 0] == shapes.BACKGROUNDS[name["background"]]).all()  # objects keep off the top rows
+        for i in (1, 2):
+            if name[f"shape{i}"] == "none":
+                continue
+            lo, hi = shapes.POSITIONS[name[f"position{i}"]]
+            ys, xs = np.nonzero((a == shapes.COLOURS[name[f"colour{i}"]]).all(-1)[:, lo:hi])
+            assert len(xs) > 40, (seed, cap)  # the object is there, in its colour
+            cx = lo + xs.mean()  # and it is where the caption says, as large as it says
+            assert {"left": cx < 12, "center": 12 <= cx <= 20, "right": cx > 20}[name[f"position{i}"]], (seed, cap)
+            side = ys.max() - ys.min() + 1
+            smin, smax = shapes.SIZES[name[f"size{i}"]]
+            assert smin - 1 <= side <= smax, (seed, cap, side)
+
+
+def test_vocab_and_classes():
+    assert len(shapes.VOCAB) == len(set(shapes.VOCAB)) == 24
+    assert len(shapes.LABELS) == 9 and all(len(v) >= 3 for v in shapes.CLASSES.values())
+    assert not set(shapes.COLOURS.values()) & set(shapes.BACKGROUNDS.values())
+
+# -----------------------------------------------------------------------------
+# Fréchet distance
+
+
+def test_frechet_distance_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), rng.uniform(0.1, 2, 8), rng.uniform(0.1, 2, 8)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s1)) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-9)
+
+
+def test_frechet_distance_non_diagonal():
+    # 2x2: tr(A^(1/2)) = sqrt(tr A + 2 sqrt(det A)) for A = s1 s2, whose eigenvalues are real and positive
+    s1 = np.array([[2.0, 0.8], [0.8, 1.0]])
+    s2 = np.array([[1.5, -0.6], [-0.6, 0.7]])
+    a = s1 @ s2
+    expected = 1.0**2 + 2.0**2 + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(a) + 2 * np.sqrt(np.linalg.det(a)))
+    assert frechet_distance([0.0, 0.0], s1, [1.0, -2.0], s2) == pytest.approx(expected, rel=1e-12)
+    # 40-d: against the eigenvalues of the non-symmetric product, computed another way
+    rng = np.random.default_rng(0)
+    b1, b2 = rng.normal(size=(40, 60)), rng.normal(size=(40, 60))
+    s1, s2 = b1 @ b1.T / 60, b2 @ b2.T / 60
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
+    assert frechet_distance(np.zeros(40), s1, np.zeros(40), s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_identical_is_zero():
+    rng = np.random.default_rng(0)
+    for n in (1000, 30):  # 30 samples in 64-d: a singular covariance, the hard case
+        f = rng.normal(size=(n, 64)) * 3
+        mu, sigma = feature_stats(f)
+        assert np.allclose(mu.numpy(), f.mean(0)) and np.allclose(sigma.numpy(), np.cov(f, rowvar=False))
+        # the square roots of round-off-sized eigenvalues leave ~1e-8 of the trace, no more
+        scale = 2 * sigma.trace().item()
+        assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-7 * scale
+        assert frechet_distance(mu, sigma, mu + 1, sigma) == pytest.approx(64.0, abs=1e-7 * scale)
+
+# -----------------------------------------------------------------------------
+# the committed classifier
+
+
+@pytest.fixture(scope="module")
+def model():
+    return classifier.load_classifier()
+
+
+def test_classifier_is_accurate(model):
+    for n in (1, 2):
+        x, _, y = shapes.make_batch(shapes.val_seeds(200), n_objects=n)
+        assert classifier.attribute_accuracy(model, x, y) >= 0.98
+        assert classifier.attribute_accuracy(model, classifier.blur(x, torch.ones(200)), y) >= 0.95
+        # wrong captions must score low, or the metric could not tell anything apart
+        assert classifier.attribute_accuracy(model, x, y.roll(1, 0)) < 0.7
+        assert classifier.features(model, x).shape == (200, model.fc[0].out_features)
+
+
+def test_blur_keeps_sharp_images_at_sigma_zero():
+    x, _, _ = shapes.make_batch(range(4))
+    assert torch.equal(classifier.blur(x, torch.zeros(4)), x)
+    assert (classifier.blur(x, torch.full((4,), 1.5)) - x).abs().max() > 0.5
+
+
+def test_toy_metrics_react():
+    x, _, y = shapes.make_batch(range(10**9 + 10**6, 10**9 + 10**6 + 500), n_objects=1)  # not in the reference
+    real = toy_metrics(x, y, n_objects=1, n_ref=1000)
+    blurred = toy_metrics(classifier.blur(x, torch.full((500,), 2.0)), y, n_objects=1, n_ref=1000)
+    wrong = toy_metrics(x, y.roll(1, 0), n_objects=1, n_ref=1000)
+    assert real["acc"] >= 0.98 and blurred["fid"] > 3 * real["fid"] and wrong["acc"] < 0.5
