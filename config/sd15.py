@@ -1,0 +1,20 @@
+# Stable Diffusion 1.5 -> one step, the paper's SD-CFG-3 setting. First make the pairs (see README), e.g.
+#   torchrun --standalone --nproc_per_node=8 make_pairs.py --prompts=captions.txt --out_dir=pairs/sd15-cfg3 \
+#       --teacher=stable-diffusion-v1-5/stable-diffusion-v1-5 --guidance=3 --steps=50
+# then: torchrun --standalone --nproc_per_node=8 train.py config/sd15.py
+# The paper trained on 64 A100s at batch 1024; 8 GPUs at batch 128 is the same recipe at 1/8 of the batch.
+out_dir = "out/sd15-cfg3"
+teacher = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+pairs = "pairs/sd15-cfg3"
+lpips = "sd15"  # the authors' calibrated LatentLPIPS (CC-BY-NC), downloaded once
+regression = "e-latent-lpips"
+batch_size = 128
+max_steps = 20000  # the paper's ablations ran 20k iterations
+lr_g = 1e-5
+lr_d = 1e-5
+warmup = 500
+ema_decay = 0.9999
+log_interval = 50
+sample_interval = 1000
+ckpt_interval = 1000
+eval_samples = 0
