@@ -43,6 +43,7 @@ class Discriminator(nn.Module):
             self.unet.load_state_dict(teacher_unet.state_dict())
         elif init != "scratch":
             raise ValueError(f"discriminator init must be 'teacher' or 'scratch', not {init!r}")
+        del self.unet.conv_norm_out, self.unet.conv_out  # the eps head: D has its own (and DDP refuses unused weights)
         C, G, L = cfg.channels, cfg.norm_groups, cfg.layers_per_block
         self.z_conv = zero_conv(cfg.in_channels, C[0], 3) if z_cond else None
         # one 1x1 conv per lower level, reading x resized to its resolution (added before its first resnet)
@@ -61,7 +62,7 @@ class Discriminator(nn.Module):
         """x: clean latent [B,C,H,W], z: its noise [B,C,H,W], context/pooled/time_ids: the prompt, as for the UNet.
         Returns a list of logit maps [B,1,h,w] (the multiscale heads, then the final map)."""
         u = self.unet
-        emb = u.embed(torch.full((x.shape[0],), self.t_D, device=x.device), x.shape[0], pooled, time_ids)
+        emb = u.embed(torch.tensor(self.t_D), x.shape[0], pooled, time_ids)  # one row unless SDXL
         h = u.conv_in(x)
         if self.z_conv is not None:
             h = h + self.z_conv(z)

@@ -287,9 +287,11 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(C[0], cfg.out_channels, 3, padding=1)
 
     def embed(self, t, batch, pooled=None, time_ids=None):
-        """The time embedding (+ SDXL's pooled-text and size/crop embedding), shape [B, 4*C0]."""
+        """The time embedding (+ SDXL's pooled-text and size/crop embedding), shape [B, 4*C0]; [1, 4*C0] for a
+        scalar t without pooled text: one row, broadcast by the resnets. That saves work, and keeps every sample's
+        output independent of the batch size (a small GEMM may round its rows differently for other row counts)."""
         t = torch.as_tensor(t, device=self.conv_in.weight.device)
-        t = t.expand(batch) if t.dim() == 0 else t
+        t = t.expand(batch if pooled is not None else 1) if t.dim() == 0 else t
         emb = self.time_embedding(timestep_embedding(t, self.cfg.channels[0]).to(self.conv_in.weight.dtype))
         if self.add_embedding is not None:
             ids = timestep_embedding(time_ids.flatten(), self.cfg.add_time_dim).reshape(batch, -1)

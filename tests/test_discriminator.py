@@ -32,7 +32,7 @@ def test_step0_features_equal_teacher(name):
     T.conv_norm_out.register_forward_hook(lambda m, i, o: feats.__setitem__("teacher", i[0]))
     D.out_head[0].register_forward_hook(lambda m, i, o: feats.__setitem__("D", i[0]))
     with torch.no_grad():
-        T(x, torch.zeros(2), ctx, **extra)
+        T(x, torch.tensor(0), ctx, **extra)  # the same scalar timestep D uses
         D(x, z, ctx, **extra)
     assert torch.equal(feats["D"], feats["teacher"])
     # and the new branches do change them once they are no longer zero
