@@ -1,0 +1,96 @@
+"""
+One-step text-to-image with a Diffusion2GAN student: prompt -> z -> one UNet call -> VAE decode.
+
+    python sample.py --ckpt=out/toy/ckpt.pt --prompt="a large blue square on the left on a white background"
+    python sample.py --ckpt=out/toy/ckpt.pt --prompts=captions.txt --out_dir=out/samples --with_teacher=True
+
+The checkpoint's config names the teacher (for the text encoder, VAE and noise schedule) and G's parameterisation.
+"""
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+from teacher import predict_x0
+
+
+def one_step(unet, z, cond, alphas_cumprod, prediction_type, t=999, param="teacher", ctx=nullcontext()):
+    """G(z, c): one UNet call at timestep t on pure noise z. param='teacher' reads the output like the teacher's
+    (eps or v) and converts it to x0 in fp32, where the 1/sqrt(alpha_bar_999) = 14.6x amplification of any error
+    is harmless; param='x0' reads the output as x0 directly. Returns the latent in the UNet's scaled space, fp32."""
+    with ctx:
+        out = unet(z, t, **cond)  # a scalar t: one time-embedding row for the whole batch
+    return predict_x0(out.float(), z.float(), t, alphas_cumprod, prediction_type) if param == "teacher" else out.float()
+
+
+def seeded_noise(seeds, shape, device="cpu"):
+    """One z per seed, each from its own generator (CPU, fp32): the same images whatever the batch size."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+def load_student(ckpt_path, device="cpu", ema=True):
+    """(teacher, G, config) from a train.py checkpoint: the teacher it names (text encoder, VAE, schedule) and G
+    (its EMA weights by default) in eval mode."""
+    import model
+    from teacher import load_teacher
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = ckpt["config"]
+    T = load_teacher("toy/weights/sd" if cfg["teacher"] == "toy" else cfg["teacher"], device)
+    G = model.UNet(model.UNetConfig(**ckpt["unet_config"]))
+    G.load_state_dict(ckpt["ema" if ema else "G"])
+    return T, G.to(device).eval().requires_grad_(False), cfg
+
+
+# -----------------------------------------------------------------------------
+ckpt = "out/toy/ckpt.pt"  # a train.py checkpoint
+prompt = ""  # one prompt ...
+prompts = ""  # ... or a prompt file (.txt, .jsonl, COCO .json: see make_pairs.py)
+n = 8  # images per prompt
+seed = 0  # image i of the run uses noise seed + i
+out_dir = "out/samples"
+batch_size = 64
+resolution = 0  # image side in pixels; 0 = the resolution the pairs were made at (the checkpoint's teacher default)
+with_teacher = False  # also write a grid with the teacher's DDIM sample for the same z and prompt (slow)
+teacher_steps = 25
+teacher_guidance = 3.0
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+compile = False  # torch.compile the student (worth it on a GPU for many batches)
+
+if __name__ == "__main__":
+    from configurator import configure
+    configure(globals())
+    from PIL import Image
+
+    from make_pairs import read_prompts
+    from toy.shapes import to_pil
+    T, G, cfg = load_student(ckpt, device)
+    texts = [prompt] if prompt else read_prompts(prompts)
+    texts = [p for p in texts for _ in range(n)]
+    res = resolution or T.resolution
+    shape = T.latent_shape(res)
+    ptdtype = getattr(torch, dtype)
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=ptdtype)
+    net = torch.compile(G) if compile else G
+    os.makedirs(out_dir, exist_ok=True)
+    images, teacher_images, t0 = [], [], time.time()
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            batch = texts[i:i + batch_size]
+            z = seeded_noise(range(seed + i, seed + i + len(batch)), shape, device)
+            cond, uncond = T.conditions(batch, res, res)
+            images.append(T.decode(one_step(net, z, cond, T.alphas_cumprod, T.prediction_type, cfg["t_G"],
+                                            cfg["g_param"], ctx)).cpu())
+            if with_teacher:
+                teacher_images.append(T.decode(T.sample(z, cond, uncond, teacher_steps, teacher_guidance)).cpu())
+    dt = time.time() - t0
+    images = torch.cat(images)
+    for i, img in enumerate(images):
+        pixels = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(os.path.join(out_dir, f"{i:05d}.png"))
+    if with_teacher:
+        to_pil(torch.stack([images, torch.cat(teacher_images)], 1).flatten(0, 1), nrow=8).save(
+            os.path.join(out_dir, "student_vs_teacher.png"))
+    print(f"{len(images)} images in {dt:.2f}s ({len(images) / dt:.1f} images/s"
+          + (", teacher included" if with_teacher else "") + f") -> {out_dir}")

@@ -1,0 +1,412 @@
+"""
+Diffusion2GAN, stage 2 (Kang et al. 2024): train the one-step student G(z, c) on the teacher's ODE pairs (z, c, x)
+with E-LatentLPIPS regression and a conditional GAN, all in latent space. One file, top to bottom:
+config -> distributed setup -> teacher, pairs -> G, D, losses, optimisers -> loop -> samples and metrics.
+
+    python train.py                                   # the toy world, end to end on a CPU (pairs made if missing)
+    python train.py config/sd15.py --batch_size=16    # one GPU, a real teacher (pairs from make_pairs.py)
+    torchrun --standalone --nproc_per_node=8 train.py config/sd15.py
+Re-running the same command resumes from out_dir/ckpt.pt.
+"""
+import copy
+import functools
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# config: every knob, with the default of the embedded toy run (python train.py --help lists them)
+# I/O
+out_dir = "out/toy"  # checkpoints, sample grids, log and metrics
+teacher = "toy"  # 'toy' = toy/weights/sd; else a diffusers folder, single file or hub id (see teacher.py)
+pairs = "pairs/toy"  # a make_pairs.py folder; for the toy it is made here when missing
+toy_pairs = 4000  # toy only: how many pairs to make (one per training caption)
+pair_steps = 25  # toy only: DDIM steps of the pairs (make_pairs.py's default is 50; 25 keeps the toy fast)
+pair_guidance = 3.0  # toy only: guidance of the pairs (the paper's SD-CFG-3 set)
+resume = True  # continue from out_dir/ckpt.pt when it exists
+# student G: a copy of the teacher UNet, queried once at the top of the schedule
+t_G = 999  # G's timestep input: pure noise in, as the ODE starts at t=999 with trailing spacing
+g_param = "teacher"  # 'teacher': G's output is read like the teacher's (eps or v) and turned into x0 in fp32; 'x0': read as x0
+# regression loss
+regression = "e-latent-lpips"  # l2 | pseudo-huber | latent-lpips | e-latent-lpips | pixel-lpips
+lpips = "toy"  # LatentLPIPS weights: 'toy', a file in the official layout, or sd15/sd21/sdxl (downloaded, CC-BY-NC)
+augment = "bg"  # E-LatentLPIPS ensemble: letters of b(lit) g(eometric) c(olour) (cut)o(ut); official default bg
+pixel_vgg = ""  # pixel-lpips only: an ImageNet VGG16-BN LPIPS file (image space)
+# GAN
+gan = True  # False = regression only (the paper's first ablation table)
+lambda_gan = 0.1  # weight of the adversarial term in G's loss (not published: tuned on the toy)
+d_init = "teacher"  # 'teacher' or 'scratch'
+d_z_cond = True  # D sees the noise z (zero-initialised conv)
+d_ms_input = True  # multiscale input: resized x at every encoder level
+d_ms_output = True  # multiscale output: heads before, at and after every skip connection
+t_D = 0  # D's fixed timestep input: it judges clean latents
+mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
+r1_gamma = 1.0  # R1 weight (not published)
+r1_interval = 16  # lazy R1: every this many steps, scaled by the interval
+r1_single = True  # R1 on one real sample (paper) or on the whole batch
+# optimisation
+batch_size = 64  # global batch: per GPU it is batch_size // (world size * grad_accum)
+grad_accum = 1  # micro-steps per step
+max_steps = 400
+lr_g = 1e-4
+lr_d = 1e-4
+beta1 = 0.0  # Adam betas for both optimisers (GAN practice: little or no first-moment momentum)
+beta2 = 0.99
+weight_decay = 0.0
+warmup = 20  # linear learning-rate warmup, in steps
+grad_clip = 1.0  # max gradient norm for G and D (0 = off)
+ema_decay = 0.99  # EMA of G's weights (the EMA is what sample.py and eval.py use)
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
+compile = torch.cuda.is_available()  # torch.compile G and D (the uncompiled modules are kept for saving and R1)
+seed = 0
+log_interval = 20
+sample_interval = 200  # a fixed-seed grid: student (EMA) beside teacher
+ckpt_interval = 200
+eval_samples = 500  # toy only: validation captions for the final metrics (0 = skip)
+wandb_project = ""  # log to Weights & Biases (imported only when set)
+tensorboard = False  # log to out_dir/tb (imported only when set)
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+
+config = configure(globals())
+import losses  # noqa: E402  (after the knobs so that --help is instant)
+from discriminator import Discriminator  # noqa: E402
+from make_pairs import PairDataset  # noqa: E402
+from sample import one_step, seeded_noise  # noqa: E402
+from teacher import load_teacher  # noqa: E402
+
+TOY_TEACHER, TOY_LPIPS = "toy/weights/sd", "toy/weights/toy_latest_vgg16_tuned.safetensors"
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun sets RANK; plain python runs the same lines with world = 1
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+if ddp:
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+master = rank == 0
+assert batch_size % (world * grad_accum) == 0, f"batch_size {batch_size} must divide by world * grad_accum"
+micro = batch_size // (world * grad_accum)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=ptdtype)
+scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)  # only fp16 needs loss scaling
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"world {world} | micro-batch {micro} x accum {grad_accum} = global {batch_size} | {device} {dtype}")
+
+# -----------------------------------------------------------------------------
+# the frozen teacher (text encoder, VAE, UNet) and the pairs
+toy = teacher == "toy"
+if toy and not os.path.exists(TOY_TEACHER):
+    raise SystemExit(f"{TOY_TEACHER} is missing: run `python -m toy.build` to train the toy world")
+T = load_teacher(TOY_TEACHER if toy else teacher, device, torch.float32)  # fp32: autocast handles precision
+if toy and not os.path.exists(os.path.join(pairs, "index.json")):
+    if master:  # rank 0 makes the toy pairs (seconds to minutes on a CPU), the others wait
+        import make_pairs
+        from toy import shapes
+        prompt_file = pairs.rstrip("/") + "-prompts.txt"
+        os.makedirs(os.path.dirname(prompt_file) or ".", exist_ok=True)
+        with open(prompt_file, "w") as f:  # training captions, one per pair
+            f.writelines(shapes.sample(i)[1] + "\n" for i in range(toy_pairs))
+        make_pairs.main(prompts=prompt_file, out_dir=pairs, teacher=TOY_TEACHER, steps=pair_steps,
+                        guidance=pair_guidance, batch_size=250, shard_size=1000, device=device.split(":")[0],
+                        dtype="float32", latent_dtype="float32", onednn=True)  # oneDNN: 1.5x faster on CPU
+    if ddp:
+        dist.barrier()
+data = PairDataset(pairs)
+abar = T.alphas_cumprod.to(device)
+
+
+def encode(prompts):
+    """The prompt as the UNet takes it: context (+ pooled, time_ids for SDXL), at the pairs' resolution."""
+    res = data.index["settings"]["resolution"]
+    return T.encode_text(prompts) | dict(time_ids=T.time_ids(len(prompts), res, res))
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(e):
+    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + e))
+
+
+def batches(step):
+    """The micro-batches of this rank from `step` on. Epoch e visits the pairs in a permutation seeded by (seed, e);
+    step s takes the global positions [s * batch_size, (s + 1) * batch_size) of that endless stream, split by rank
+    and micro-step. Resuming at a step gives exactly the batches an uninterrupted run would have seen."""
+    n = len(data)
+    while True:
+        for m in range(grad_accum):
+            start = step * batch_size + (m * world + rank) * micro
+            idx = [epoch_order(p // n)[p % n].item() for p in range(start, start + micro)]
+            z, x, prompts = zip(*(data[i] for i in idx))
+            yield torch.stack(z).to(device), torch.stack(x).to(device), list(prompts)
+        step += 1
+
+
+# -----------------------------------------------------------------------------
+# G, D, the regression loss, optimisers, EMA
+G = copy.deepcopy(T.unet).float().train().requires_grad_(True)  # the student starts as the teacher
+ema = copy.deepcopy(G).eval().requires_grad_(False)
+D = None
+if gan:
+    D = Discriminator(T.unet, init=d_init, z_cond=d_z_cond, ms_input=d_ms_input, ms_output=d_ms_output, t_D=t_D)
+    D = D.to(device).train()
+if regression in ("latent-lpips", "e-latent-lpips"):
+    from safetensors import safe_open
+    if lpips == "toy" or lpips.endswith(".safetensors"):
+        path = TOY_LPIPS if lpips == "toy" else lpips
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        lpips_net = losses.LatentLPIPS(int(meta.get("in_channels", 4)), int(meta.get("width", 64))).load(path)
+    elif os.path.exists(lpips):
+        lpips_net = losses.LatentLPIPS().load(lpips)
+    else:
+        lpips_net = losses.LatentLPIPS.from_pretrained(lpips)
+    lpips_net = lpips_net.to(device)
+elif regression == "pixel-lpips":
+    lpips_net = losses.LatentLPIPS(3, latent=False).load(pixel_vgg).to(device)
+else:
+    lpips_net = None
+T.vae.requires_grad_(False)
+
+opt_g = torch.optim.AdamW(G.parameters(), lr=lr_g, betas=(beta1, beta2), weight_decay=weight_decay)
+opt_d = torch.optim.AdamW(D.parameters(), lr=lr_d, betas=(beta1, beta2), weight_decay=weight_decay) if gan else None
+
+step = 0
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if resume and os.path.exists(ckpt_path):
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    G.load_state_dict(ckpt["G"])
+    ema.load_state_dict(ckpt["ema"])
+    opt_g.load_state_dict(ckpt["opt_g"])
+    if gan:
+        D.load_state_dict(ckpt["D"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+    step = ckpt["step"]
+    if master:
+        print(f"resumed from {ckpt_path} at step {step}")
+    del ckpt
+
+# compile first, then wrap in DDP; the raw modules stay for EMA, saving, and R1 (double backward)
+raw_G, raw_D = G, D
+if compile:
+    G = torch.compile(G)
+    D = torch.compile(D) if gan else None
+D_frozen = D  # D as seen by G's loss: no DDP (D's weights do not change in G's step)
+if ddp:
+    G = DDP(G, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
+    D = DDP(D, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None) if gan else None
+
+
+def generate(net, z, cond):
+    """G(z, c) as an fp32 x0 latent (sample.one_step: one UNet call at t_G, read like the teacher's output)."""
+    return one_step(net, z, cond, abar, T.prediction_type, t_G, g_param, ctx)
+
+
+def regression_loss(x_hat, x):
+    decode = (lambda lat: T.decode(lat)) if regression == "pixel-lpips" else None
+    with ctx:
+        return losses.regression_loss(regression, x_hat, x, lpips=lpips_net, augment=augment, decode=decode)
+
+
+def lr_at(s, base):
+    return base * min(1.0, (s + 1) / warmup)
+
+
+def save_checkpoint():
+    """Everything needed to resume, written to a temporary name and renamed: a crash never leaves a half file.
+    No RNG state is needed: every random draw of step s comes from a generator seeded by (seed, s, rank)."""
+    ckpt = {"G": raw_G.state_dict(), "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "step": step,
+            "config": config, "unet_config": {k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in vars(raw_G.cfg).items()}}
+    if gan:
+        ckpt |= {"D": raw_D.state_dict(), "opt_d": opt_d.state_dict()}
+    torch.save(ckpt, ckpt_path + ".tmp")
+    os.replace(ckpt_path + ".tmp", ckpt_path)
+
+
+# -----------------------------------------------------------------------------
+# fixed samples for the grid: validation prompts (toy) and seeded noise, the teacher's output computed once
+if toy:
+    from toy import shapes
+    grid_prompts = [shapes.sample(s, n_objects=1 + (i >= 8))[1] for i, s in enumerate(shapes.val_seeds(16))]
+else:
+    grid_prompts = ["a photo of a cat", "a red car parked on a street", "a bowl of fruit on a wooden table",
+                    "an astronaut riding a horse", "a lighthouse at sunset", "a watercolor painting of a forest",
+                    "a portrait of an old man", "a city skyline at night"]
+grid_z = seeded_noise(range(10**6, 10**6 + len(grid_prompts)), data.shape, device)
+grid_teacher = None
+
+
+@torch.no_grad()
+def sample_grid(path):
+    """Student (EMA) beside teacher for the same z and prompt, decoded with the VAE outside the training step."""
+    global grid_teacher
+    cond, uncond = T.conditions(grid_prompts, data.index["settings"]["resolution"],
+                                data.index["settings"]["resolution"])
+    if grid_teacher is None:
+        s = data.index["settings"]
+        grid_teacher = T.decode(T.sample(grid_z, cond, uncond, s["steps"], s["guidance"], s["spacing"]))
+    student = T.decode(generate(ema, grid_z, cond))
+    pairs_ = torch.stack([student, grid_teacher], 1).flatten(0, 1)  # student, teacher, student, teacher, ...
+    from toy.shapes import to_pil
+    to_pil(pairs_, nrow=8).save(path)
+    with open(path.rsplit(".", 1)[0] + ".txt", "w") as f:
+        f.write("left: one-step student (EMA), right: teacher, same z and prompt\n")
+        f.writelines(f"{i}: {p}\n" for i, p in enumerate(grid_prompts))
+
+
+# -----------------------------------------------------------------------------
+# logging
+writer = run = None
+if master and tensorboard:
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(out_dir, "tb"))
+if master and wandb_project:
+    import wandb
+    run = wandb.init(project=wandb_project, config=config)
+log_file = open(os.path.join(out_dir, "log.txt"), "a") if master else None
+
+
+def log(line, scalars=None):
+    if not master:
+        return
+    print(line, flush=True)
+    log_file.write(line + "\n")
+    log_file.flush()
+    if scalars and writer:
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, step)
+    if scalars and run:
+        run.log(scalars, step=step)
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+batch_iter = batches(step)
+terms = {}  # every loss term: [running sum, count] over the log interval (tensors: no GPU sync per step)
+t_last, n_last = time.time(), step
+while step < max_steps:
+    torch.manual_seed(seed * 1_000_003 + step * world + rank)  # augmentations and R1's sample: a function of the step
+    for g in opt_g.param_groups:
+        g["lr"] = lr_at(step, lr_g)
+    if gan:
+        for g in opt_d.param_groups:
+            g["lr"] = lr_at(step, lr_d)
+    do_r1 = gan and r1_gamma > 0 and step % r1_interval == 0
+    for m in range(grad_accum):
+        z, x, prompts = next(batch_iter)
+        with torch.no_grad():
+            cond = encode(prompts)
+        last = m == grad_accum - 1
+        if ddp:  # sync gradients on the last micro-step only
+            G.require_backward_grad_sync = last
+            if gan:
+                D.require_backward_grad_sync = last
+        x_hat = generate(G, z, cond)  # G(z, c), fp32 x0 in the UNet's latent space
+        step_terms = {}
+        if gan:
+            # --- D step: real (x, z, c) vs fake (G(z, c), z, c) and mix-and-match fakes (x, z', c')
+            raw_D.requires_grad_(True)
+            if do_r1 and m == 0:  # lazy R1 on the uncompiled, unwrapped D: its gradient joins the synced one below
+                k = 1 if r1_single else len(x)
+                sub = {key: v[:k] if v is not None else None for key, v in cond.items()}
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # double backward
+                    r1 = losses.r1_penalty(lambda xx: raw_D(xx, z[:k], **sub), x[:k], gamma=r1_gamma,
+                                           interval=r1_interval)
+                scaler.scale(r1 / grad_accum).backward()
+                step_terms["r1"] = r1.detach()
+            k = int(round(mix_match * len(x)))
+            shift = lambda v: v.roll(1, 0)[:k]  # sample i gets sample i-1's noise and prompt
+            cat = lambda a, b: torch.cat([a, a, b]) if a is not None else None
+            d_cond = {key: cat(v, shift(v) if v is not None else None) for key, v in cond.items()}
+            with ctx:
+                logits = D(torch.cat([x, x_hat.detach(), x[:k]]), torch.cat([z, z, shift(z)]), **d_cond)
+            B = len(x)
+            real = [l[:B] for l in logits]
+            fake = [l[B:] for l in logits]  # G's outputs and the mismatched reals, both fake
+            loss_d = losses.gan_loss_d(real, fake)
+            scaler.scale(loss_d / grad_accum).backward()
+            step_terms |= {"d_loss": loss_d.detach(), "d_real": torch.stack([l.float().mean() for l in real]).mean(),
+                           "d_fake": torch.stack([l[:B].float().mean() for l in fake]).mean()}
+            if k:
+                step_terms["d_mm"] = torch.stack([l[B:].float().mean() for l in fake]).mean()
+            raw_D.requires_grad_(False)  # G's step sends gradients through D, not into it
+        # --- G step: regression to the teacher's x, plus the adversarial term through the frozen D
+        loss_rec = regression_loss(x_hat, x)
+        loss_g = loss_rec
+        step_terms["g_rec"] = loss_rec.detach()
+        if gan:
+            with ctx:
+                loss_adv = losses.gan_loss_g(D_frozen(x_hat, z, **cond))
+            loss_g = loss_g + lambda_gan * loss_adv
+            step_terms["g_adv"] = loss_adv.detach()
+        scaler.scale(loss_g / grad_accum).backward()
+        for key, v in step_terms.items():
+            terms.setdefault(key, [0, 0])[0] += v.float()
+            terms[key][1] += 1
+    # optimiser steps, gradient norms, EMA
+    norms = {}
+    for name, opt, net in (("g", opt_g, raw_G), ("d", opt_d, raw_D)):
+        if opt is None:
+            continue
+        scaler.unscale_(opt)
+        norms[name] = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+        terms.setdefault(f"gnorm_{name}", [0, 0])[0] += norms[name].float()
+        terms[f"gnorm_{name}"][1] += 1
+    scaler.update()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(raw_G.parameters()), 1 - ema_decay)
+    step += 1
+
+    # log, check for NaN/Inf (once per interval: no GPU sync in between), sample, checkpoint
+    if step % log_interval == 0 or step == max_steps or step % ckpt_interval == 0:
+        n = step - n_last
+        avg = {k: v.item() / count for k, (v, count) in terms.items()}
+        bad = [k for k, v in avg.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)} within the last {n} steps; stopping. "
+                                     f"The last good checkpoint ({ckpt_path}) is untouched")
+        dt = (time.time() - t_last) / n
+        log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in avg.items())
+            + f" | lr {lr_at(step - 1, lr_g):.2e} | {dt * 1000:.0f} ms | {batch_size / dt:.1f} img/s",
+            avg | {"ms_per_step": dt * 1000})
+        terms, t_last, n_last = {}, time.time(), step
+    if master and (step % sample_interval == 0 or step == max_steps):
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        sample_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"))
+    if step % ckpt_interval == 0 or step == max_steps:
+        if ddp:  # every rank must hold the same G: compare a checksum of its weights before trusting the checkpoint
+            sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(world)]
+            dist.all_gather(sums, torch.cat([p.detach().flatten() for p in raw_G.parameters()]).double().sum())
+            if len({s.item() for s in sums}) != 1:
+                raise RuntimeError(f"step {step}: G differs between ranks (weight sums {[s.item() for s in sums]})")
+            log(f"step {step}: G identical on all {world} ranks")
+        if master:
+            save_checkpoint()
+
+# -----------------------------------------------------------------------------
+# the end: metrics on validation captions (toy), cleanup
+if master and toy and eval_samples:
+    from eval import markdown, toy_table
+    table = toy_table(T, {"student (EMA, 1 step)": lambda z, c: generate(ema, z, c)}, n=eval_samples, teacher=False)
+    log(markdown(table, eval_samples))
+    if os.path.exists("toy/weights/teacher_metrics.md"):  # measured once by toy/build.py, at the same N
+        log("the teacher, for reference (toy/weights/teacher_metrics.md):\n" + open("toy/weights/teacher_metrics.md").read())
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({"step": step, **table}, f, indent=2)
+if ddp:
+    dist.destroy_process_group()
