@@ -685,22 +685,31 @@ def _resolve(path, sub):
     raise FileNotFoundError(f"{path}: no such file or folder (and not a hub id like org/name)")
 
 
+def _from_folder(folder, cls, config, from_diffusers, dtype, variant):
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = config or from_diffusers(json.load(f), os.path.join(folder, "config.json"))
+    sd, source = read_folder_weights(folder, variant)
+    return _build(cls, cfg, sd, source, dtype)
+
+
+def _single_file(path, prefix):
+    """The state dict of an original single file, checked to hold the part under `prefix`."""
+    sd = read_checkpoint(path)
+    if not any(k.startswith(prefix) for k in sd):
+        raise ValueError(f"{path}: no {prefix}* keys: not an original Stable Diffusion checkpoint "
+                         f"(first keys: {list(sd)[:3]})")
+    return sd
+
+
 def load_unet(path, config=None, dtype=torch.float32, variant=None):
     """The UNet from a diffusers folder, a single file (.safetensors/.ckpt) or a hub id. For a single file the
     config is the preset of the detected family (or the UNetConfig/preset name you give)."""
     config = UNET_PRESETS[config] if isinstance(config, str) else config
     folder = _resolve(path, "unet")
     if folder is not None:
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = config or unet_config_from_diffusers(json.load(f), os.path.join(folder, "config.json"))
-        sd, source = read_folder_weights(folder, variant)
-        return _build(UNet, cfg, sd, source, dtype)
-    sd = read_checkpoint(path)
-    if not any(k.startswith("model.diffusion_model.") for k in sd):
-        raise ValueError(f"{path}: no model.diffusion_model.* keys: not an original Stable Diffusion checkpoint "
-                         f"(first keys: {list(sd)[:3]})")
-    family = ldm_family(sd)
-    cfg = config or UNET_PRESETS.get(family)
+        return _from_folder(folder, UNet, config, unet_config_from_diffusers, dtype, variant)
+    sd = _single_file(path, "model.diffusion_model.")
+    cfg = config or UNET_PRESETS.get(ldm_family(sd))
     if cfg is None:
         raise ValueError(f"{path}: not an SD1/SD2/SDXL UNet (no SD-style input_blocks; an SD3/FLUX transformer?); "
                          "if it is a UNet of ours, pass config=")
@@ -712,14 +721,8 @@ def load_vae(path, config=None, dtype=torch.float32, variant=None):
     config = VAE_PRESETS[config] if isinstance(config, str) else config
     folder = _resolve(path, "vae")
     if folder is not None:
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = config or vae_config_from_diffusers(json.load(f), os.path.join(folder, "config.json"))
-        sd, source = read_folder_weights(folder, variant)
-        return _build(VAE, cfg, sd, source, dtype)
-    sd = read_checkpoint(path)
-    if not any(k.startswith("first_stage_model.") for k in sd):
-        raise ValueError(f"{path}: no first_stage_model.* keys: not an original Stable Diffusion checkpoint "
-                         f"(first keys: {list(sd)[:3]})")
+        return _from_folder(folder, VAE, config, vae_config_from_diffusers, dtype, variant)
+    sd = _single_file(path, "first_stage_model.")
     cfg = config or VAE_PRESETS["sdxl" if ldm_family(sd) == "sdxl" else "sd"]
     return _build(VAE, cfg, from_ldm(sd, "first_stage_model.", vae_key_from_ldm, cfg), path, dtype)
 

@@ -162,23 +162,26 @@ D = None
 if gan:
     D = Discriminator(T.unet, init=d_init, z_cond=d_z_cond, ms_input=d_ms_input, ms_output=d_ms_output, t_D=t_D)
     D = D.to(device).train()
-if regression in ("latent-lpips", "e-latent-lpips"):
-    from safetensors import safe_open
-    if lpips == "toy" or lpips.endswith(".safetensors"):
-        path = TOY_LPIPS if lpips == "toy" else lpips
+
+
+def lpips_from_file(path, latent=True):
+    """LatentLPIPS (or, latent=False, the image-space VGG) from a file; a .safetensors may carry its trunk's width
+    and input channels in its metadata (the toy trunk does), the official .pth files are full width."""
+    meta = {}
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-        lpips_net = losses.LatentLPIPS(int(meta.get("in_channels", 4)), int(meta.get("width", 64))).load(path)
-    elif os.path.exists(lpips):
-        lpips_net = losses.LatentLPIPS().load(lpips)
-    else:
-        lpips_net = losses.LatentLPIPS.from_pretrained(lpips)
-    lpips_net = lpips_net.to(device)
+    c, width = int(meta.get("in_channels", 4 if latent else 3)), int(meta.get("width", 64))
+    return losses.LatentLPIPS(c, width, latent).load(path)
+
+
+lpips_net = None
+if regression in ("latent-lpips", "e-latent-lpips"):
+    path = TOY_LPIPS if lpips == "toy" else lpips
+    lpips_net = (lpips_from_file(path) if os.path.exists(path) else losses.LatentLPIPS.from_pretrained(lpips)).to(device)
 elif regression == "pixel-lpips":
-    lpips_net = losses.LatentLPIPS(3, latent=False).load(pixel_vgg).to(device)
-else:
-    lpips_net = None
-T.vae.requires_grad_(False)
+    lpips_net = lpips_from_file(pixel_vgg, latent=False).to(device)
 
 opt_g = torch.optim.AdamW(G.parameters(), lr=lr_g, betas=(beta1, beta2), weight_decay=weight_decay)
 opt_d = torch.optim.AdamW(D.parameters(), lr=lr_d, betas=(beta1, beta2), weight_decay=weight_decay) if gan else None
@@ -215,7 +218,8 @@ def generate(net, z, cond):
 
 
 def regression_loss(x_hat, x):
-    decode = (lambda lat: T.decode(lat)) if regression == "pixel-lpips" else None
+    # pixel LPIPS decodes both latents, with gradients through the (frozen) decoder: T.decode is no_grad
+    decode = (lambda lat: T.vae.decode(lat / T.vae.cfg.scaling_factor)) if regression == "pixel-lpips" else None
     with ctx:
         return losses.regression_loss(regression, x_hat, x, lpips=lpips_net, augment=augment, decode=decode)
 
@@ -298,7 +302,7 @@ batch_iter = batches(step)
 terms = {}  # every loss term: [running sum, count] over the log interval (tensors: no GPU sync per step)
 t_last, n_last = time.time(), step
 while step < max_steps:
-    torch.manual_seed(seed * 1_000_003 + step * world + rank)  # augmentations and R1's sample: a function of the step
+    torch.manual_seed(seed * 1_000_003 + step * world + rank)  # the augmentations: a function of the step and rank
     for g in opt_g.param_groups:
         g["lr"] = lr_at(step, lr_g)
     if gan:

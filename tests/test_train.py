@@ -98,3 +98,21 @@ def test_nan_stops_the_run_by_name(world, tmp_path):
     assert "non-finite g_rec" in r.stderr and "The last good checkpoint" in r.stderr, r.stderr[-2000:]
     ckpt = load(tmp_path)
     assert all(torch.isfinite(v).all() for v in ckpt["G"].values())
+
+
+@pytest.mark.parametrize("regression", ["l2", "pseudo-huber", "latent-lpips", "pixel-lpips"])
+def test_every_regression_loss_trains_G(world, tmp_path, regression):
+    """The ablation's other regression losses run and move G (pixel-lpips decodes with gradients: a random
+    image-space VGG16-BN stands in for ImageNet weights)."""
+    from safetensors.torch import save_file
+    import losses
+    torch.manual_seed(0)
+    vgg = tmp_path / "pixel_vgg.safetensors"
+    save_file({k: v.contiguous() for k, v in losses.LatentLPIPS(3, width=8, latent=False).state_dict().items()}, str(vgg),
+              metadata={"width": "8", "in_channels": "3"})
+    r = run(["train.py", *args(world, tmp_path, max_steps=1, gan=False, regression=regression, pixel_vgg=vgg)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    G = load(tmp_path)["G"]
+    import model
+    teacher = model.load_unet(str(world / "sd")).state_dict()
+    assert any(not torch.equal(v, teacher[k]) for k, v in G.items())

@@ -1,11 +1,14 @@
 """
-Retrain the toy world from nothing, with the project's own code: the VAE, the text encoder + tokenizer and the
-teacher UNet (written as an SD1-style diffusers pipeline folder, toy/weights/sd, that teacher.py loads exactly like
-Stable Diffusion 1.5), and the latent VGG trunk for LatentLPIPS (toy/weights/toy_latest_vgg16_tuned.safetensors).
-The metrics classifier is separate (python -m toy.classifier) so that it never shares anything with the models.
+Retrain the toy world from nothing, with the project's own code, into out_dir (default toy/weights):
+- the metrics classifier (toy/classifier.py; trained on its own, it shares nothing with the models it measures);
+- the VAE, the text encoder + tokenizer and the teacher UNet, written as an SD1-style diffusers pipeline folder
+  (sd/) that teacher.py loads exactly like Stable Diffusion 1.5;
+- the latent VGG trunk for LatentLPIPS (toy_latest_vgg16_tuned.safetensors);
+- the teacher's rows of the toy table (teacher_metrics.md/.json, measured with the committed classifier).
 
-    python -m toy.build                  # every stage, in order
-    python -m toy.build --stage=teacher  # one stage (vae, teacher, lpips, eval); later stages read earlier outputs
+    python -m toy.build                      # every stage, in order
+    python -m toy.build --stage=vae,teacher  # some stages (classifier, vae, teacher, lpips, eval); later stages
+                                             # read the earlier ones' outputs from out_dir
 """
 import json
 import math
@@ -20,7 +23,7 @@ from toy import shapes
 
 # -----------------------------------------------------------------------------
 # knobs
-stage = "all"  # all, or a comma-separated list of: vae, teacher, lpips, eval
+stage = "all"  # all, or a comma-separated list of: classifier, vae, teacher, lpips, eval
 out_dir = "toy/weights"  # the pipeline goes to out_dir/sd
 seed = 0
 threads = 0  # torch threads (0 = torch's default)
@@ -31,7 +34,7 @@ vae_lr = 2e-3
 vae_object_weight = 5.0  # reconstruction weight of object pixels vs background pixels: small objects matter
 vae_kl = 1e-6  # a whisper of KL, as SD, to keep the latent space smooth
 # teacher: text encoder and UNet trained together with SD1's eps-prediction loss and schedule
-teacher_steps = 6000
+teacher_steps = 5000
 teacher_batch = 64
 teacher_lr = 1e-3
 caption_dropout = 0.1  # captions replaced by "" so that classifier-free guidance works, as in SD
@@ -220,6 +223,9 @@ if __name__ == "__main__":
     if threads:
         torch.set_num_threads(threads)
     t_all = time.time()
+    if stage == "all" or "classifier" in stage.split(","):  # the metric network, independent of all the rest
+        from toy import classifier
+        classifier.main(os.path.join(out_dir, "classifier.safetensors"))
     if stage == "all" or "vae" in stage.split(","):
         train_vae()
     if stage == "all" or "teacher" in stage.split(","):

@@ -133,7 +133,9 @@ def train(steps=2000, batch_size=128, lr=3e-3, seed=0, **config):
     return model.eval()
 
 
-if __name__ == "__main__":
+def main(path=DEFAULT_PATH):
+    """Train the classifier, measure it on validation images, save it (with its report) to path."""
+    path = Path(path)
     config, steps, batch_size = dict(width=16, dim=128), 2000, 128
     t0 = time.time()
     model = train(steps, batch_size, **config)
@@ -149,7 +151,11 @@ if __name__ == "__main__":
                          ("noise0.1", x + 0.1 * torch.randn(x.shape, generator=g))):
             report[f"acc_{n}obj_{name}"] = round(attribute_accuracy(model, xa, y), 4)
     print(json.dumps(report, indent=1))
-    DEFAULT_PATH.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"config": json.dumps(config), "report": json.dumps(report)}
-    save_file(model.state_dict(), str(DEFAULT_PATH), metadata=metadata)
-    print(f"saved {DEFAULT_PATH} ({DEFAULT_PATH.stat().st_size / 1e3:.0f} kB)")
+    save_file(model.state_dict(), str(path), metadata=metadata)
+    print(f"saved {path} ({path.stat().st_size / 1e3:.0f} kB)")
+
+
+if __name__ == "__main__":
+    main()
