@@ -3,8 +3,19 @@ One-step text-to-image with a Diffusion2GAN student: prompt -> z -> one UNet cal
 
     python sample.py --ckpt=out/toy/ckpt.pt --prompt="a large blue square on the left on a white background"
     python sample.py --ckpt=out/toy/ckpt.pt --prompts=captions.txt --out_dir=out/samples --with_teacher=True
+    python sample.py --ckpt=out/toy/ckpt.pt --export=out/toy/student_unet    # the student as a diffusers UNet folder
 
 The checkpoint's config names the teacher (for the text encoder, VAE and noise schedule) and G's parameterisation.
+An exported student runs in diffusers as one DDIM step from t=999 that lands exactly on x0 (set_alpha_to_one=True;
+the default False would add sqrt(1 - alpha_bar_0) = 0.029 of the predicted noise back), with no guidance:
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_folder, safety_checker=None,
+        unet=UNet2DConditionModel.from_pretrained("out/toy/student_unet"))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    image = pipe(prompt, latents=z, num_inference_steps=1, guidance_scale=1.0).images[0]
+
+(tests/test_sample.py checks that this gives our latents within 1e-4; it holds for g_param='teacher'.)
 """
 import os
 import time
@@ -57,6 +68,7 @@ teacher_guidance = 3.0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False  # torch.compile the student (worth it on a GPU for many batches)
+export = ""  # instead of sampling: write the student (EMA) here as a diffusers UNet folder
 
 if __name__ == "__main__":
     from configurator import configure
@@ -66,6 +78,11 @@ if __name__ == "__main__":
     from make_pairs import read_prompts
     from toy.shapes import to_pil
     T, G, cfg = load_student(ckpt, device)
+    if export:
+        from model import save_pretrained
+        save_pretrained(G, export)
+        print(f"wrote the student to {export} (diffusers UNet2DConditionModel; see this file's docstring)")
+        raise SystemExit(0)
     texts = [prompt] if prompt else read_prompts(prompts)
     texts = [p for p in texts for _ in range(n)]
     res = resolution or T.resolution

@@ -1,0 +1,45 @@
+"""sample.py: the exported student runs in diffusers as the documented one-step pipeline and gives our latents."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only reference) is not installed")
+
+
+def run(args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_export_reproduces_one_step_in_diffusers(tmp_path):
+    from sample import load_student, one_step, seeded_noise
+    from toy import shapes
+    w = tmp_path
+    r = run(["-m", "toy.build", f"--out_dir={w}", "--stage=vae,teacher", "--vae_steps=0", "--teacher_steps=0"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (w / "prompts.txt").write_text("".join(shapes.sample(i)[1] + "\n" for i in range(8)))
+    r = run(["make_pairs.py", f"--prompts={w}/prompts.txt", f"--out_dir={w}/pairs", f"--teacher={w}/sd", "--steps=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(["train.py", f"--teacher={w}/sd", f"--pairs={w}/pairs", f"--out_dir={w}/out", "--max_steps=2",
+             "--batch_size=4", "--gan=False", "--regression=l2", "--ema_decay=0.5", "--lr_g=1e-3"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(["sample.py", f"--ckpt={w}/out/ckpt.pt", f"--export={w}/student"])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    T, G, cfg = load_student(str(w / "out" / "ckpt.pt"))
+    prompts = [shapes.sample(10**9 + i)[1] for i in range(3)]
+    z = seeded_noise(range(3), T.latent_shape())
+    with torch.no_grad():
+        ours = one_step(G, z, T.conditions(prompts)[0], T.alphas_cumprod, T.prediction_type, cfg["t_G"], cfg["g_param"])
+    # the README/docstring recipe, verbatim but for output_type='latent'
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    pipe = StableDiffusionPipeline.from_pretrained(str(w / "sd"), safety_checker=None, requires_safety_checker=False,
+                                                   unet=UNet2DConditionModel.from_pretrained(str(w / "student")))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    theirs = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="latent").images
+    err = (theirs - ours).abs().max().item()
+    print(f"exported student in diffusers vs ours: max abs latent error {err:.2e}")
+    assert err < 1e-4
