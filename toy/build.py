@@ -4,7 +4,8 @@ Retrain the toy world from nothing, with the project's own code, into out_dir (d
 - the VAE, the text encoder + tokenizer and the teacher UNet, written as an SD1-style diffusers pipeline folder
   (sd/) that teacher.py loads exactly like Stable Diffusion 1.5;
 - the latent VGG trunk for LatentLPIPS (toy_latest_vgg16_tuned.safetensors);
-- the teacher's rows of the toy table (teacher_metrics.md/.json, measured with the committed classifier).
+- the teacher's rows of the toy table (teacher_metrics.md/.json, measured with the committed classifier) and a
+  grid of its samples at guidance 3 and 1 (teacher_grid.png).
 
     python -m toy.build                      # every stage, in order
     python -m toy.build --stage=vae,teacher  # some stages (classifier, vae, teacher, lpips, eval); later stages
@@ -216,6 +217,18 @@ def eval_teacher(n=500):
         f.write(md + "\n")
     with open(os.path.join(out_dir, "teacher_metrics.json"), "w") as f:
         json.dump(table, f, indent=2)
+    # a grid by threes: a real image with the caption, the teacher at guidance 3, at guidance 1 (same z per caption)
+    from sample import seeded_noise
+    from PIL import Image
+    T = load_teacher(os.path.join(out_dir, "sd"))
+    n_obj = [1] * 8 + [2] * 8
+    caps = [shapes.sample(s, k)[1] for s, k in zip(shapes.val_seeds(16), n_obj)]
+    real = torch.cat([shapes.make_batch([s], k)[0] for s, k in zip(shapes.val_seeds(16), n_obj)])
+    cond, uncond = T.conditions(caps)
+    z = seeded_noise(range(10**6, 10**6 + 16), T.latent_shape())
+    rows = [T.decode(T.sample(z, cond, uncond, 25, g)) for g in (3.0, 1.0)]
+    grid = shapes.to_pil(torch.stack([real, *rows], 1).flatten(0, 1), nrow=12)
+    grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(os.path.join(out_dir, "teacher_grid.png"))
     print(md + f"\neval: {time.time() - t0:.0f}s")
 
 
