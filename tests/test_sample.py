@@ -14,10 +14,11 @@ def run(args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_export_reproduces_one_step_in_diffusers(tmp_path):
-    from sample import load_student, one_step, seeded_noise
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """An untrained toy world, 8 pairs, and a student trained for 2 steps (regression only)."""
     from toy import shapes
-    w = tmp_path
+    w = tmp_path_factory.mktemp("sample")
     r = run(["-m", "toy.build", f"--out_dir={w}", "--stage=vae,teacher", "--vae_steps=0", "--teacher_steps=0"])
     assert r.returncode == 0, r.stderr[-2000:]
     (w / "prompts.txt").write_text("".join(shapes.sample(i)[1] + "\n" for i in range(8)))
@@ -26,6 +27,13 @@ def test_export_reproduces_one_step_in_diffusers(tmp_path):
     r = run(["train.py", f"--teacher={w}/sd", f"--pairs={w}/pairs", f"--out_dir={w}/out", "--max_steps=2",
              "--batch_size=4", "--gan=False", "--regression=l2", "--ema_decay=0.5", "--lr_g=1e-3"])
     assert r.returncode == 0, r.stderr[-2000:]
+    return w
+
+
+def test_export_reproduces_one_step_in_diffusers(world):
+    from sample import load_student, one_step, seeded_noise
+    from toy import shapes
+    w = world
     r = run(["sample.py", f"--ckpt={w}/out/ckpt.pt", f"--export={w}/student"])
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -43,3 +51,14 @@ def test_export_reproduces_one_step_in_diffusers(tmp_path):
     err = (theirs - ours).abs().max().item()
     print(f"exported student in diffusers vs ours: max abs latent error {err:.2e}")
     assert err < 1e-4
+
+
+def test_sample_writes_images_and_teacher_grid(world, tmp_path):
+    from PIL import Image
+    r = run(["sample.py", f"--ckpt={world}/out/ckpt.pt", "--prompt=a small red circle on the left on a white background",
+             "--n=3", f"--out_dir={tmp_path}", "--with_teacher=True", "--teacher_steps=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "3 images in" in r.stdout and "images/s" in r.stdout
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["00000.png", "00001.png", "00002.png", "student_vs_teacher.png"]
+    assert Image.open(tmp_path / "00000.png").size == (32, 32)
