@@ -10,16 +10,6 @@ from losses import (LatentLPIPS, augment_pair, blit, geometric, gan_loss_d, gan_
                     regression_loss)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these tensors are tiny: a second thread gains nothing, and OpenMP's spin-waiting slows every op several
-    # times over when the machine's cores are busy with other work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def lpips():
     torch.manual_seed(0)

@@ -26,15 +26,6 @@ PROMPTS = ["a small red circle on the left", "a large green square", "a blue cir
 RUN = dict(steps=3, guidance=3.0, resolution=16, shard_size=4, batch_size=4, device="cpu", dtype="float32", seed=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP's waiting threads slow them down 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_teacher(root, seed=0):
     """A tiny SD1-like pipeline folder in the diffusers layout: our UNet/VAE, a transformers CLIP, a toy tokenizer."""
     torch.manual_seed(seed)

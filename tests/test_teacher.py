@@ -20,15 +20,6 @@ PROMPTS = ["a small red circle on the left", "a large blue square on the right a
 SIZE = 16  # pixels: 8x8 latents with the tiny VAE (factor 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP's waiting threads slow them down 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_clip(tok, width, act="quick_gelu", projection=0, layers=2, seed=0):
     """A tiny CLIP text tower; heads 1 so that a single-file read (heads = width // 64, at least 1) rebuilds it."""
     torch.manual_seed(seed)
