@@ -1,7 +1,7 @@
 """
 The one configuration mechanism of every script (nanoGPT's, made strict). A script declares its knobs as plain
-module-level variables, each with a comment, then calls `config = configure(globals())`. The command line then
-overrides them, left to right:
+lower-case module-level variables, each with a comment (UPPER_CASE names are constants, not knobs), then calls
+`config = configure(globals())`. The command line then overrides them, left to right:
 
     python train.py config/sd15.py --batch_size=8 --compile=False
 
@@ -14,7 +14,8 @@ import sys
 
 
 def _knobs(g):
-    return {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+    return {k: v for k, v in g.items() if not k.startswith("_") and not k.isupper()  # UPPER_CASE: constants
+            and isinstance(v, (bool, int, float, str, type(None)))}
 
 
 def _set(g, known, key, value, where):

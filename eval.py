@@ -12,8 +12,12 @@ TODO: the COCO protocol (FID with clean-fid, CLIP score) for real SD runs.
     python eval.py --sanity=True                     # the metric's floor on real images, and its reactions
 """
 import functools
+import json
+import os
+import random
 
 import torch
+from PIL import Image
 
 from toy import shapes
 from toy.classifier import DEFAULT_PATH, attribute_accuracy, blur, features, load_classifier
@@ -112,12 +116,165 @@ def markdown(table, n):
 
 
 # -----------------------------------------------------------------------------
+# real models: the COCO protocol
+
+COCO = {  # protocol -> (captions file, image folder, captions, image side)
+    "coco2014": ("annotations/captions_val2014.json", "val2014", 30000, 256),  # SD1.5 / SD2.1 tables
+    "coco2017": ("annotations/captions_val2017.json", "val2017", 5000, 512),  # SDXL tables
+}
+COCO_FETCH = ("mkdir -p {d} && cd {d} && wget http://images.cocodataset.org/zips/{f}.zip "
+              "http://images.cocodataset.org/annotations/annotations_trainval{y}.zip && unzip -q {f}.zip && "
+              "unzip -q annotations_trainval{y}.zip")
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+CLIP_PREFIX = "A photo depicts "  # the protocol's caption prefix for the CLIP score
+
+
+def need(package, pip_name, what):
+    """Import an optional package, or stop with the command that installs it."""
+    import importlib
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise SystemExit(f"{what} needs the optional package {pip_name}: pip install {pip_name}") from None
+
+
+def center_crop_resize(img, size):
+    """The protocol's image transform: the largest centred square, then a PIL LANCZOS resize to size x size."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.convert("RGB").crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)
+
+
+def coco_captions(path, n, seed=0):
+    """n distinct images of a COCO captions file drawn with a fixed seed, one of each image's captions (also drawn):
+    [{"image_id", "file_name", "caption"}], the same list on every machine and rank."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: COCO captions file not found (see --help for the command that fetches it)")
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+        raise ValueError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    caps = {}
+    for a in sorted(data["annotations"], key=lambda a: a["id"]):
+        caps.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
+    ids = sorted(caps)
+    if n > len(ids):
+        raise ValueError(f"{path}: {n} captions asked for, but only {len(ids)} images have captions")
+    rng = random.Random(seed)
+    return [{"image_id": i, "file_name": files[i], "caption": rng.choice(caps[i])} for i in rng.sample(ids, n)]
+
+
+def rank_share(n, rank, world):
+    """The indices rank `rank` of `world` handles: every index in 0..n-1 belongs to exactly one rank."""
+    return range(rank, n, world)
+
+
+def save_png(img, path):
+    """Atomic PNG write: an interrupted run never leaves a half-written image that a resume would keep."""
+    tmp = path + ".tmp"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def to_image(x):
+    """One [3,H,W] float image in [-1,1] as a PIL image."""
+    return Image.fromarray(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def write_images(make, rows, folder, size, rank=0, world=1, batch_size=16, desc="images"):
+    """Write image i of rows as folder/{i:06d}.png (centre-cropped, resized to size) for this rank's share,
+    skipping those already there: a stopped run resumes. make(indices) returns the PIL images or [-1,1] tensors
+    for those rows; with per-index seeds the images do not depend on the rank count or the batch size."""
+    from tqdm import tqdm
+    os.makedirs(folder, exist_ok=True)
+    todo = [i for i in rank_share(len(rows), rank, world) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
+    for k in tqdm(range(0, len(todo), batch_size), desc=f"{desc} (rank {rank})", disable=not todo):
+        batch = todo[k:k + batch_size]
+        for i, img in zip(batch, make(batch)):
+            img = to_image(img) if isinstance(img, torch.Tensor) else img
+            save_png(center_crop_resize(img, size), os.path.join(folder, f"{i:06d}.png"))
+    return len(todo)
+
+
+def real_images(rows, image_dir):
+    """make() for write_images: the real COCO images of rows."""
+    def make(indices):
+        out = []
+        for i in indices:
+            path = os.path.join(image_dir, rows[i]["file_name"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: COCO image not found (is --coco_dir the folder the fetch command "
+                                        "unpacked into?)")
+            out.append(Image.open(path))
+        return out
+    return make
+
+
+def clean_fid(gen_dir, ref_dir, inception="", device="cuda"):
+    """FID between two folders with clean-fid in 'clean' mode (Inception 2015-12-05). inception: a folder holding
+    inception-2015-12-05.pt for machines that cannot download it ('' = clean-fid fetches it itself)."""
+    cleanfid = need("cleanfid.fid", "clean-fid", "FID")
+    extractor = None
+    if inception:
+        if not os.path.isfile(os.path.join(inception, "inception-2015-12-05.pt")):
+            raise FileNotFoundError(f"{inception}/inception-2015-12-05.pt not found: fetch it with "
+                                    f"wget -P {inception} {INCEPTION_URL}")
+        from cleanfid.inception_torchscript import InceptionV3W
+        net = InceptionV3W(inception, download=False).to(device).eval()
+        extractor = lambda x: net(x)  # noqa: E731
+    return float(cleanfid.compute_fid(gen_dir, ref_dir, mode="clean", device=torch.device(device),
+                                      custom_feat_extractor=extractor, num_workers=0))
+
+
+def load_clip(weights="", device="cuda"):
+    """open_clip ViT-g/14 (laion2b_s12b_b42k), or the same architecture from a local weights file."""
+    open_clip = need("open_clip", "open_clip_torch", "The CLIP score")
+    if weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights}: CLIP weights not found (the file is open_clip_pytorch_model.bin of "
+                                "laion/CLIP-ViT-g-14-laion2B-s12B-b42K on the Hugging Face hub)")
+    net, _, preprocess = open_clip.create_model_and_transforms("ViT-g-14", pretrained=weights or "laion2b_s12b_b42k")
+    return net.to(device).eval(), preprocess, open_clip.get_tokenizer("ViT-g-14")
+
+
+@torch.no_grad()
+def clip_score(folder, captions, net, preprocess, tokenizer, device="cuda", batch_size=64):
+    """The mean raw cosine (not x100, not clipped at 0) between image i of folder and CLIP_PREFIX + captions[i]."""
+    total = 0.0
+    for k in range(0, len(captions), batch_size):
+        idx = range(k, min(k + batch_size, len(captions)))
+        x = torch.stack([preprocess(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in idx]).to(device)
+        t = tokenizer([CLIP_PREFIX + captions[i] for i in idx]).to(device)
+        a = torch.nn.functional.normalize(net.encode_image(x).float(), dim=-1)
+        b = torch.nn.functional.normalize(net.encode_text(t).float(), dim=-1)
+        total += (a * b).sum().item()
+    return total / len(captions)
+
+
+# -----------------------------------------------------------------------------
 ckpt = ""  # comma-separated train.py checkpoints to add as rows (their EMA students); '' = teacher rows only
-n = 500  # validation captions per object count
+n = 500  # toy: validation captions per object count
 teacher_steps = 25
 guidance = 3.0
-out = ""  # also write the table here as .md and .json ('' = print only)
-sanity = False  # instead: the metric's own sanity table on real (and damaged) validation images
+out = ""  # toy: also write the table here as .md and .json ('' = print only); coco: the run's folder
+sanity = False  # toy: instead, the metric's own sanity table on real (and damaged) validation images
+# the COCO protocol (real models). Fetch COCO first, e.g. for coco2014:
+#   mkdir -p data/coco && cd data/coco && wget http://images.cocodataset.org/zips/val2014.zip \
+#     http://images.cocodataset.org/annotations/annotations_trainval2014.zip && unzip -q val2014.zip && \
+#     unzip -q annotations_trainval2014.zip
+coco = ""  # '' = the toy table; coco2014 (SD1.5/2.1: 30k captions, 256 px) or coco2017 (SDXL: 5k, 512 px)
+coco_dir = "data/coco"  # holds annotations/ and val2014/ (val2017/)
+coco_n = 0  # captions (0 = the protocol's 30k or 5k)
+coco_seed = 0  # draws the captions; image i uses noise seed coco_seed * 10**6 + i
+teacher = ""  # coco: evaluate this teacher (DDIM teacher_steps, guidance) instead of a --ckpt student
+ref_dir = ""  # the real images, cropped and resized ('' = data/coco/{coco}-{n}-{size}); shared by all runs
+inception = ""  # a folder with inception-2015-12-05.pt for offline machines ('' = clean-fid downloads it)
+clip = ""  # a local open_clip ViT-g-14 weights file ('' = open_clip downloads laion2b_s12b_b42k)
+metrics = "fid,clip"
+batch_size = 16
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 
 def sanity_table():
     """The metric's own floor and reactions: real validation images (not in the reference set), and damaged ones."""
@@ -138,7 +295,6 @@ def sanity_table():
 
 
 def main():
-    import json
     from sample import load_student, one_step
     from teacher import load_teacher
     T, students = None, {}
@@ -157,7 +313,86 @@ def main():
             json.dump(table, f, indent=2)
 
 
+def coco_main():
+    """The COCO protocol for one model, a student (--ckpt) or a teacher (--teacher): this rank's share of the
+    images (skipping those already written), the reference images likewise, then FID and CLIP score on rank 0."""
+    from contextlib import nullcontext
+
+    import torch.distributed as dist
+
+    from sample import load_student, one_step, seeded_noise
+    from teacher import load_teacher
+    if coco not in COCO:
+        raise SystemExit(f"--coco={coco!r}: choose coco2014 or coco2017")
+    if bool(ckpt) == bool(teacher) or "," in ckpt:
+        raise SystemExit("--coco evaluates one model: give --ckpt=a train.py checkpoint or --teacher=a teacher")
+    if not out:
+        raise SystemExit("--coco needs --out=a folder for the images and the results")
+    cap_file, image_folder, n_default, size = COCO[coco]
+    cap_path = os.path.join(coco_dir, cap_file)
+    if not os.path.isfile(cap_path) or not os.path.isdir(os.path.join(coco_dir, image_folder)):
+        raise SystemExit(f"{cap_path} or {os.path.join(coco_dir, image_folder)}/ not found. Fetch COCO with:\n  "
+                         + COCO_FETCH.format(d=coco_dir, f=image_folder, y=coco[4:]))
+    if "fid" in metrics:  # fail now, not after hours of generation
+        need("cleanfid.fid", "clean-fid", "FID")
+    if "clip" in metrics:
+        need("open_clip", "open_clip_torch", "The CLIP score")
+    rank, world, dev = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(dev)
+    N = coco_n or n_default
+    rows = coco_captions(cap_path, N, coco_seed)
+    ptdtype = getattr(torch, dtype)
+    if ckpt:
+        T, G, cfg = load_student(ckpt, dev)
+        ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev.split(":")[0], dtype=ptdtype)
+        sample_fn = lambda z, c, u: one_step(G, z, c, T.alphas_cumprod, T.prediction_type, cfg["t_G"],  # noqa: E731
+                                             cfg["g_param"], ctx)
+    else:
+        T = load_teacher(teacher, dev, ptdtype)
+        sample_fn = lambda z, c, u: T.sample(z, c, u, teacher_steps, guidance)  # noqa: E731
+
+    @torch.no_grad()
+    def make(indices):  # image i: caption i, noise seed coco_seed * 10**6 + i, at the teacher's resolution
+        cond, uncond = T.conditions([rows[i]["caption"] for i in indices])
+        z = seeded_noise([coco_seed * 10**6 + i for i in indices], T.latent_shape(), dev)
+        return T.decode(sample_fn(z, cond, uncond)).cpu()
+
+    images, ref = os.path.join(out, "images"), ref_dir or os.path.join(coco_dir, f"{coco}-{N}-{size}px-seed{coco_seed}")
+    write_images(make, rows, images, size, rank, world, batch_size, "generated")
+    write_images(real_images(rows, os.path.join(coco_dir, image_folder)), rows, ref, size, rank, world, 64, "reference")
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        for folder in (images, ref):
+            missing = [i for i in range(N) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
+            if missing:
+                raise SystemExit(f"{folder}: {len(missing)} of {N} images missing (first {missing[0]:06d}.png); "
+                                 "re-run the same command to finish them")
+        res = {"protocol": coco, "captions": N, "image_size": size, "coco_seed": coco_seed, "model": ckpt or teacher,
+               "sampler": "one step (EMA)" if ckpt else f"DDIM {teacher_steps} steps, guidance {guidance:g}",
+               "images": images, "reference": ref}
+        if "fid" in metrics:
+            res["fid"] = clean_fid(images, ref, inception, dev)
+        if "clip" in metrics:
+            res["clip"] = clip_score(images, [r["caption"] for r in rows], *load_clip(clip, dev), dev)
+        with open(os.path.join(out, "captions.json"), "w") as f:  # the exact captions and images, recorded
+            json.dump(rows, f)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        md = (f"| model | sampler | {coco} FID-{N // 1000}k | CLIP score |\n|---|---|---|---|\n| {res['model']} | "
+              f"{res['sampler']} | {res.get('fid', float('nan')):.2f} | {res.get('clip', float('nan')):.4f} |")
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(md + "\n")
+        print(md)
+    if world > 1:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     from configurator import configure
     configure(globals())
-    sanity_table() if sanity else main()
+    coco_main() if coco else sanity_table() if sanity else main()
