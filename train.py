@@ -38,7 +38,7 @@ g_param = "teacher"  # 'teacher': G's output is read like the teacher's (eps or 
 regression = "e-latent-lpips"  # l2 | pseudo-huber | latent-lpips | e-latent-lpips | pixel-lpips
 lpips = "toy"  # LatentLPIPS weights: 'toy', a file in the official layout, or sd15/sd21/sdxl (downloaded, CC-BY-NC)
 augment = "bg"  # E-LatentLPIPS ensemble: letters of b(lit) g(eometric) c(olour) (cut)o(ut); official default bg
-pixel_vgg = ""  # pixel-lpips only: an ImageNet VGG16-BN LPIPS file (image space)
+pixel_vgg = ""  # pixel-lpips only: an ImageNet VGG16-BN LPIPS file (image space); '' = the toy's (toy only)
 # GAN
 gan = True  # False = regression only (the paper's first ablation table)
 lambda_gan = 0.1  # weight of the adversarial term in G's loss (not published: tuned on the toy)
@@ -85,6 +85,7 @@ from sample import one_step, seeded_noise  # noqa: E402
 from teacher import load_teacher  # noqa: E402
 
 TOY_TEACHER, TOY_LPIPS = "toy/weights/sd", "toy/weights/toy_latest_vgg16_tuned.safetensors"
+TOY_PIXEL_VGG = "toy/weights/toy_pixel_vgg16.safetensors"
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK; plain python runs the same lines with world = 1
@@ -181,7 +182,9 @@ if regression in ("latent-lpips", "e-latent-lpips"):
     path = TOY_LPIPS if lpips == "toy" else lpips
     lpips_net = (lpips_from_file(path) if os.path.exists(path) else losses.LatentLPIPS.from_pretrained(lpips)).to(device)
 elif regression == "pixel-lpips":
-    lpips_net = lpips_from_file(pixel_vgg, latent=False).to(device)
+    if not (pixel_vgg or toy):
+        raise SystemExit("regression=pixel-lpips needs --pixel_vgg= an image-space VGG16-BN LPIPS file")
+    lpips_net = lpips_from_file(pixel_vgg or TOY_PIXEL_VGG, latent=False).to(device)
 
 opt_g = torch.optim.AdamW(G.parameters(), lr=lr_g, betas=(beta1, beta2), weight_decay=weight_decay)
 opt_d = torch.optim.AdamW(D.parameters(), lr=lr_d, betas=(beta1, beta2), weight_decay=weight_decay) if gan else None

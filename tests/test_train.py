@@ -19,8 +19,8 @@ def run(args, **kw):
 def world(tmp_path_factory):
     """An untrained toy world (the real build script with 0 training steps) and 24 pairs made from it."""
     d = tmp_path_factory.mktemp("world")
-    r = run(["-m", "toy.build", f"--out_dir={d}", "--stage=vae,teacher,lpips", "--vae_steps=0", "--teacher_steps=0",
-             "--lpips_steps=0"])
+    r = run(["-m", "toy.build", f"--out_dir={d}", "--stage=vae,teacher,lpips,pixel", "--vae_steps=0",
+             "--teacher_steps=0", "--lpips_steps=0", "--pixel_steps=0"])
     assert r.returncode == 0, r.stderr[-2000:]
     from toy import shapes
     (d / "prompts.txt").write_text("".join(shapes.sample(i)[1] + "\n" for i in range(24)))
@@ -102,14 +102,9 @@ def test_nan_stops_the_run_by_name(world, tmp_path):
 
 @pytest.mark.parametrize("regression", ["l2", "pseudo-huber", "latent-lpips", "pixel-lpips"])
 def test_every_regression_loss_trains_G(world, tmp_path, regression):
-    """The ablation's other regression losses run and move G (pixel-lpips decodes with gradients: a random
-    image-space VGG16-BN stands in for ImageNet weights)."""
-    from safetensors.torch import save_file
-    import losses
-    torch.manual_seed(0)
-    vgg = tmp_path / "pixel_vgg.safetensors"
-    save_file({k: v.contiguous() for k, v in losses.LatentLPIPS(3, width=8, latent=False).state_dict().items()}, str(vgg),
-              metadata={"width": "8", "in_channels": "3"})
+    """The ablation's other regression losses run and move G (pixel-lpips decodes with gradients, through the
+    image-space VGG16-BN that toy.build's pixel stage writes, untrained here)."""
+    vgg = world / "toy_pixel_vgg16.safetensors"
     r = run(["train.py", *args(world, tmp_path, max_steps=1, gan=False, regression=regression, pixel_vgg=vgg)])
     assert r.returncode == 0, r.stderr[-3000:]
     G = load(tmp_path)["G"]

@@ -3,12 +3,13 @@ Retrain the toy world from nothing, with the project's own code, into out_dir (d
 - the metrics classifier (toy/classifier.py; trained on its own, it shares nothing with the models it measures);
 - the VAE, the text encoder + tokenizer and the teacher UNet, written as an SD1-style diffusers pipeline folder
   (sd/) that teacher.py loads exactly like Stable Diffusion 1.5;
-- the latent VGG trunk for LatentLPIPS (toy_latest_vgg16_tuned.safetensors);
+- the latent VGG trunk for LatentLPIPS (toy_latest_vgg16_tuned.safetensors), and an image-space one for the pixel
+  LPIPS row of the paper's ablation (toy_pixel_vgg16.safetensors);
 - the teacher's rows of the toy table (teacher_metrics.md/.json, measured with the committed classifier) and a
   grid of its samples at guidance 3 and 1 (teacher_grid.png).
 
     python -m toy.build                      # every stage, in order
-    python -m toy.build --stage=vae,teacher  # some stages (classifier, vae, teacher, lpips, eval); later stages
+    python -m toy.build --stage=vae,teacher  # some stages (classifier, vae, teacher, lpips, pixel, eval); later stages
                                              # read the earlier ones' outputs from out_dir
 """
 import json
@@ -24,7 +25,7 @@ from toy import shapes
 
 # -----------------------------------------------------------------------------
 # knobs
-stage = "all"  # all, or a comma-separated list of: classifier, vae, teacher, lpips, eval
+stage = "all"  # all, or a comma-separated list of: classifier, vae, teacher, lpips, pixel, eval
 out_dir = "toy/weights"  # the pipeline goes to out_dir/sd
 seed = 0
 threads = 0  # torch threads (0 = torch's default)
@@ -49,6 +50,7 @@ lpips_width = 8  # channels in units of the real trunk's 64
 lpips_steps = 1500
 lpips_batch = 128
 lpips_lr = 2e-3
+pixel_steps = 1500  # the image-space VGG16-BN trunk (same width, batch and lr): the toy's ImageNet VGG of pixel LPIPS
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -171,13 +173,17 @@ def save_teacher(sd_dir, unet, text):
     write_pipeline_files(sd_dir)
 
 
-def train_lpips():
-    """LatentLPIPS trunk for the toy latents, saved with the official checkpoint's keys (net.slice*, lin*)."""
-    from losses import LatentLPIPS
+def train_lpips(pixel=False):
+    """LatentLPIPS trunk for the toy latents, saved with the official checkpoint's keys (net.slice*, lin*).
+    pixel=True: the same for images (all five pools, ImageNet-normalised input as losses.regression_loss gives
+    it), the trunk of the 'pixel-lpips' regression loss; it learns the same attribute task from pixels."""
+    from losses import IMAGENET_SCALE, IMAGENET_SHIFT, LatentLPIPS
     from toy.classifier import N_CLASSES
     vae = model.load_vae(os.path.join(out_dir, "sd")).requires_grad_(False)
     torch.manual_seed(seed)
-    lp = LatentLPIPS(in_channels=vae.cfg.latent_channels, width=lpips_width)
+    c = 3 if pixel else vae.cfg.latent_channels
+    lp = LatentLPIPS(in_channels=c, width=lpips_width, latent=not pixel)
+    steps, name = (pixel_steps, "pixel") if pixel else (lpips_steps, "lpips")
     lp.requires_grad_(True)
     for m in lp.modules():  # LatentLPIPS pins itself to eval mode for use as a loss; here it is being trained
         m.training = True
@@ -185,25 +191,25 @@ def train_lpips():
     params = list(lp.net.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lpips_lr, weight_decay=1e-4)
     t0 = time.time()
-    for step, (x, _, labels) in zip(range(lpips_steps), batches(lpips_batch, step0=10**6)):
-        cosine_lr(opt, lpips_lr, step, lpips_steps)
+    for step, (x, _, labels) in zip(range(steps), batches(lpips_batch, step0=10**6)):
+        cosine_lr(opt, lpips_lr, step, steps)
         with torch.no_grad():
-            z = vae.encode(x)[0] * vae.cfg.scaling_factor
+            z = (x - IMAGENET_SHIFT) / IMAGENET_SCALE if pixel else vae.encode(x)[0] * vae.cfg.scaling_factor
         logits = head(lp.features(z)[-1].mean((2, 3))).split(N_CLASSES, dim=1)
         loss = sum(F.cross_entropy(l, y) for l, y in zip(logits, labels.T)) / len(N_CLASSES)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == lpips_steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             acc = torch.stack([l.argmax(1) == y for l, y in zip(logits, labels.T)]).float().mean()
-            print(f"lpips step {step} | loss {loss.item():.4f} | acc {acc:.3f} | {time.time() - t0:.0f}s", flush=True)
+            print(f"{name} step {step} | loss {loss.item():.4f} | acc {acc:.3f} | {time.time() - t0:.0f}s", flush=True)
     from safetensors.torch import save_file
     lp.eval()
-    path = os.path.join(out_dir, "toy_latest_vgg16_tuned.safetensors")
+    path = os.path.join(out_dir, "toy_pixel_vgg16.safetensors" if pixel else "toy_latest_vgg16_tuned.safetensors")
     save_file({k: v.contiguous() for k, v in lp.state_dict().items()}, path + ".tmp",
-              metadata={"width": str(lpips_width), "in_channels": str(vae.cfg.latent_channels)})
+              metadata={"width": str(lpips_width), "in_channels": str(c)})
     os.replace(path + ".tmp", path)
-    print(f"lpips: {path}, {time.time() - t0:.0f}s")
+    print(f"{name}: {path}, {time.time() - t0:.0f}s")
 
 
 def eval_teacher(n=500):
@@ -245,6 +251,8 @@ if __name__ == "__main__":
         train_teacher()
     if stage == "all" or "lpips" in stage.split(","):
         train_lpips()
+    if stage == "all" or "pixel" in stage.split(","):
+        train_lpips(pixel=True)
     if stage == "all" or "eval" in stage.split(","):
         eval_teacher()
     print(f"toy.build {stage}: {time.time() - t_all:.0f}s")
