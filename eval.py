@@ -333,7 +333,14 @@ def coco_main():
     if not os.path.isfile(cap_path) or not os.path.isdir(os.path.join(coco_dir, image_folder)):
         raise SystemExit(f"{cap_path} or {os.path.join(coco_dir, image_folder)}/ not found. Fetch COCO with:\n  "
                          + COCO_FETCH.format(d=coco_dir, f=image_folder, y=coco[4:]))
-    if "fid" in metrics:  # fail now, not after hours of generation
+    # fail now, not after hours of generation: the metric files, then the metric packages
+    if "fid" in metrics and inception and not os.path.isfile(os.path.join(inception, "inception-2015-12-05.pt")):
+        raise SystemExit(f"{inception}/inception-2015-12-05.pt not found: fetch it with "
+                         f"wget -P {inception} {INCEPTION_URL}")
+    if "clip" in metrics and clip and not os.path.isfile(clip):
+        raise SystemExit(f"{clip}: CLIP weights not found (open_clip_pytorch_model.bin of "
+                         "laion/CLIP-ViT-g-14-laion2B-s12B-b42K on the Hugging Face hub)")
+    if "fid" in metrics:
         need("cleanfid.fid", "clean-fid", "FID")
     if "clip" in metrics:
         need("open_clip", "open_clip_torch", "The CLIP score")

@@ -152,6 +152,14 @@ def test_missing_packages_and_files_say_how_to_get_them(tmp_path, monkeypatch):
     assert "captions_val2014.json" in r.stderr and "wget http://images.cocodataset.org/zips/val2014.zip" in r.stderr
     r = run(["eval.py", "--coco=coco2015", "--teacher=toy/weights/sd", "--out=x"])
     assert r.returncode != 0 and "coco2014 or coco2017" in r.stderr
+    fake_coco(tmp_path / "coco", n_images=1)  # the metric files are checked before any image is made
+    r = run(["eval.py", "--coco=coco2014", f"--coco_dir={tmp_path}/coco", "--teacher=toy/weights/sd",
+             f"--out={tmp_path}/o", f"--inception={tmp_path}/inc"])
+    assert r.returncode != 0 and f"wget -P {tmp_path}/inc {ev.INCEPTION_URL}" in r.stderr, r.stderr[-2000:]
+    r = run(["eval.py", "--coco=coco2014", f"--coco_dir={tmp_path}/coco", "--teacher=toy/weights/sd",
+             f"--out={tmp_path}/o", f"--clip={tmp_path}/clip.bin", "--metrics=clip"])
+    assert r.returncode != 0 and "clip.bin: CLIP weights not found" in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_coco_run_on_a_toy_teacher(tmp_path):
