@@ -178,16 +178,13 @@ def save_png(img, path):
     os.replace(tmp, path)
 
 
-def to_image(x):
-    """One [3,H,W] float image in [-1,1] as a PIL image."""
-    return Image.fromarray(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
 def write_images(make, rows, folder, size, rank=0, world=1, batch_size=16, desc="images"):
     """Write image i of rows as folder/{i:06d}.png (centre-cropped, resized to size) for this rank's share,
     skipping those already there: a stopped run resumes. make(indices) returns the PIL images or [-1,1] tensors
     for those rows; with per-index seeds the images do not depend on the rank count or the batch size."""
     from tqdm import tqdm
+
+    from sample import to_image
     os.makedirs(folder, exist_ok=True)
     todo = [i for i in rank_share(len(rows), rank, world) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
     for k in tqdm(range(0, len(todo), batch_size), desc=f"{desc} (rank {rank})", disable=not todo):
@@ -320,6 +317,7 @@ def coco_main():
 
     import torch.distributed as dist
 
+    from make_pairs import setup_distributed
     from sample import load_student, one_step, seeded_noise
     from teacher import load_teacher
     if coco not in COCO:
@@ -344,12 +342,7 @@ def coco_main():
         need("cleanfid.fid", "clean-fid", "FID")
     if "clip" in metrics:
         need("open_clip", "open_clip_torch", "The CLIP score")
-    rank, world, dev = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), device
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(dev)
+    ddp, rank, world, dev = setup_distributed(device)
     N = coco_n or n_default
     rows = coco_captions(cap_path, N, coco_seed)
     ptdtype = getattr(torch, dtype)
@@ -371,7 +364,7 @@ def coco_main():
     images, ref = os.path.join(out, "images"), ref_dir or os.path.join(coco_dir, f"{coco}-{N}-{size}px-seed{coco_seed}")
     write_images(make, rows, images, size, rank, world, batch_size, "generated")
     write_images(real_images(rows, os.path.join(coco_dir, image_folder)), rows, ref, size, rank, world, 64, "reference")
-    if world > 1:
+    if ddp:
         dist.barrier()
     if rank == 0:
         for folder in (images, ref):
@@ -395,7 +388,7 @@ def coco_main():
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(md + "\n")
         print(md)
-    if world > 1:
+    if ddp:
         dist.destroy_process_group()
 
 

@@ -275,6 +275,20 @@ def check_index(folder, settings, info):
 # the run
 
 
+def setup_distributed(device):
+    """(ddp, rank, world, device) for this process. torchrun sets RANK: then the process group starts (nccl on
+    GPU, gloo on CPU) and a cuda device becomes this rank's GPU; plain python gives (False, 0, 1, device).
+    make_pairs.py, train.py and eval.py all start this way."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if not ddp:
+        return False, 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
 def main(**overrides):
     """Make the pairs and return how many this call made; overrides are knob values (as --key=value gives them)."""
     c = SimpleNamespace(**configure(dict(globals()), [f"--{k}={v!r}" for k, v in overrides.items()]))
@@ -286,15 +300,7 @@ def main(**overrides):
         raise ValueError("batch_size, shard_size and steps must be at least 1")
     ddim_timesteps(c.steps, c.spacing)  # a bad spacing fails now, not after loading the teacher
 
-    # distributed: torchrun sets RANK; each process makes its own shards
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    dev = c.device
-    if ddp:
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-        if dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(dev)
+    ddp, rank, world, dev = setup_distributed(c.device)  # each process makes its own shards
     master = rank == 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 

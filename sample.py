@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from PIL import Image
 
 from teacher import predict_x0
 
@@ -38,6 +39,11 @@ def one_step(unet, z, cond, alphas_cumprod, prediction_type, t=999, param="teach
 def seeded_noise(seeds, shape, device="cpu"):
     """One z per seed, each from its own generator (CPU, fp32): the same images whatever the batch size."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+def to_image(x):
+    """One [3,H,W] float image in [-1,1] as an 8-bit PIL image."""
+    return Image.fromarray(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
 def load_student(ckpt_path, device="cpu", ema=True):
@@ -73,8 +79,6 @@ export = ""  # instead of sampling: write the student (EMA) here as a diffusers 
 if __name__ == "__main__":
     from configurator import configure
     configure(globals())
-    from PIL import Image
-
     from make_pairs import read_prompts
     from toy.shapes import to_pil
     T, G, cfg = load_student(ckpt, device)
@@ -104,8 +108,7 @@ if __name__ == "__main__":
     dt = time.time() - t0
     images = torch.cat(images)
     for i, img in enumerate(images):
-        pixels = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(os.path.join(out_dir, f"{i:05d}.png"))
+        to_image(img).save(os.path.join(out_dir, f"{i:05d}.png"))
     if with_teacher:
         to_pil(torch.stack([images, torch.cat(teacher_images)], 1).flatten(0, 1), nrow=8).save(
             os.path.join(out_dir, "student_vs_teacher.png"))

@@ -80,7 +80,7 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 import losses  # noqa: E402  (after the knobs so that --help is instant)
 from discriminator import Discriminator  # noqa: E402
-from make_pairs import PairDataset  # noqa: E402
+from make_pairs import PairDataset, setup_distributed  # noqa: E402
 from sample import one_step, seeded_noise  # noqa: E402
 from teacher import load_teacher  # noqa: E402
 
@@ -89,13 +89,7 @@ TOY_PIXEL_VGG = "toy/weights/toy_pixel_vgg16.safetensors"
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK; plain python runs the same lines with world = 1
-ddp = int(os.environ.get("RANK", -1)) != -1
-rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-if ddp:
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
+ddp, rank, world, device = setup_distributed(device)  # nccl on GPU (one per rank), gloo on CPU
 master = rank == 0
 assert batch_size % (world * grad_accum) == 0, f"batch_size {batch_size} must divide by world * grad_accum"
 micro = batch_size // (world * grad_accum)

@@ -179,7 +179,7 @@ def train_lpips(pixel=False):
     it), the trunk of the 'pixel-lpips' regression loss; it learns the same attribute task from pixels."""
     from losses import IMAGENET_SCALE, IMAGENET_SHIFT, LatentLPIPS
     from toy.classifier import N_CLASSES
-    vae = model.load_vae(os.path.join(out_dir, "sd")).requires_grad_(False)
+    vae = None if pixel else model.load_vae(os.path.join(out_dir, "sd")).requires_grad_(False)  # pixels need none
     torch.manual_seed(seed)
     c = 3 if pixel else vae.cfg.latent_channels
     lp = LatentLPIPS(in_channels=c, width=lpips_width, latent=not pixel)
