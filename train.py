@@ -61,7 +61,8 @@ beta1 = 0.0  # Adam betas for both optimisers (GAN practice: little or no first-
 beta2 = 0.99
 weight_decay = 0.0
 warmup = 20  # linear learning-rate warmup, in steps
-grad_clip = 1.0  # max gradient norm for G and D (0 = off)
+grad_clip = 1.0  # max gradient norm of G (0 = off)
+grad_clip_d = 1.0  # max gradient norm of D, R1 steps included (0 = off: then r1_gamma sets the penalty's real weight)
 ema_decay = 0.99  # EMA of G's weights (the EMA is what sample.py and eval.py use)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -359,11 +360,11 @@ while step < max_steps:
             terms[key][1] += 1
     # optimiser steps, gradient norms, EMA
     norms = {}
-    for name, opt, net in (("g", opt_g, raw_G), ("d", opt_d, raw_D)):
+    for name, opt, net, clip in (("g", opt_g, raw_G, grad_clip), ("d", opt_d, raw_D, grad_clip_d)):
         if opt is None:
             continue
         scaler.unscale_(opt)
-        norms[name] = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        norms[name] = torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip > 0 else float("inf"))
         scaler.step(opt)
         opt.zero_grad(set_to_none=True)
         terms.setdefault(f"gnorm_{name}", [0, 0])[0] += norms[name].float()

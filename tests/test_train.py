@@ -63,6 +63,24 @@ def test_one_step_changes_only_G_and_D(world, tmp_path, monkeypatch):
     assert g["step"] == 1 and os.path.exists(tmp_path / "ckpt.pt")
 
 
+def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch):
+    """grad_clip bounds G's gradient norm, grad_clip_d D's (R1 steps included); 0 turns a clip off."""
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        params = list(params)
+        calls.append((params[0], max_norm))
+        return clip(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=1, grad_clip=0.5, grad_clip_d=0)])
+    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    (g_first, g_clip), (d_first, d_clip) = calls
+    assert g_first is next(g["raw_G"].parameters()) and d_first is next(g["raw_D"].parameters())
+    assert (g_clip, d_clip) == (0.5, float("inf"))
+
+
 def load(out):
     return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
 
