@@ -236,13 +236,15 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def teacher_fingerprint(t):
+def teacher_fingerprint(t, dtype=None):
     """sha256 of everything that decides the pairs: UNet and text-encoder weights (names, dtypes, shapes, bytes),
     the tokenizers' vocabularies and lengths, the noise schedule and the prediction type. Not the VAE, not file paths:
-    the same teacher moved or converted to another layout has the same fingerprint."""
+    the same teacher moved or converted to another layout has the same fingerprint. dtype: hash the weights as cast
+    to it (train.py holds the teacher in fp32 and checks it against pairs made in fp16)."""
     h = hashlib.sha256()
     for name, m in [("unet", t.unet)] + [(f"text_encoder{i}", e) for i, e in enumerate(t.text_encoders)]:
         for k, v in m.state_dict().items():
+            v = v.detach() if dtype is None else v.detach().to(dtype)
             h.update(f"{name}.{k} {v.dtype} {tuple(v.shape)}".encode())
             h.update(v.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
     for tok in t.tokenizers:

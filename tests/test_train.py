@@ -81,6 +81,24 @@ def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch):
     assert (g_clip, d_clip) == (0.5, float("inf"))
 
 
+def test_pairs_from_another_teacher_are_refused(world, tmp_path):
+    """train.py checks the pairs' teacher fingerprint against the loaded teacher, whatever dtype made the pairs."""
+    import json
+    import shutil
+    from make_pairs import teacher_fingerprint
+    from teacher import load_teacher
+    t32, t16 = (load_teacher(str(world / "sd"), dtype=d) for d in (torch.float32, torch.float16))
+    assert teacher_fingerprint(t32, torch.float16) == teacher_fingerprint(t16) != teacher_fingerprint(t32)
+    pairs = tmp_path / "pairs"
+    shutil.copytree(world / "pairs", pairs)
+    index = json.loads((pairs / "index.json").read_text())
+    index["settings"]["teacher_fingerprint"] = "0" * 64
+    (pairs / "index.json").write_text(json.dumps(index))
+    r = run(["train.py", *args(world, tmp_path / "out", max_steps=1, pairs=pairs)])
+    assert r.returncode != 0 and "made by another teacher" in r.stderr and "index.json" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
 def load(out):
     return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
 
