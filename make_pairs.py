@@ -79,7 +79,7 @@ onednn = False  # CPU: oneDNN convs are ~1.5x faster, but then the bits depend o
 # the pair folder format (see the docstring)
 
 _FORMAT, _VERSION = "diffusion2gan-pairs", 1
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def shard_name(k):
@@ -126,7 +126,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.index = read_index(folder)
         s = self.index["settings"]
         self.num_pairs, self.shard_size, self.shape = s["num_pairs"], s["shard_size"], tuple(s["latent_shape"])
-        self.x_dtype, self.sha = _DTYPES[s["latent_dtype"]], settings_sha256(s)
+        self.x_dtype, self.sha = DTYPES[s["latent_dtype"]], settings_sha256(s)
         num_shards = -(-self.num_pairs // self.shard_size)
         self.shards = [k for k in range(num_shards) if os.path.exists(os.path.join(folder, shard_name(k)))]
         missing = sorted(set(range(num_shards)) - set(self.shards))
@@ -246,7 +246,7 @@ def teacher_fingerprint(t, dtype=None):
         for k, v in m.state_dict().items():
             v = v.detach() if dtype is None else v.detach().to(dtype)
             h.update(f"{name}.{k} {v.dtype} {tuple(v.shape)}".encode())
-            h.update(v.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+            h.update(v.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
     for tok in t.tokenizers:
         h.update(json.dumps([sorted(tok.get_vocab().items()), tok.model_max_length, tok.pad_token_id]).encode())
     h.update(t.alphas_cumprod.numpy().tobytes() + f"{t.prediction_type} {t.steps_offset}".encode())
@@ -296,8 +296,8 @@ def main(**overrides):
     c = SimpleNamespace(**configure(dict(globals()), [f"--{k}={v!r}" for k, v in overrides.items()]))
     from teacher import ddim_sample, ddim_timesteps, load_teacher  # here: train.py imports PairDataset without them
     for knob in ["dtype", "latent_dtype"]:
-        if getattr(c, knob) not in _DTYPES:
-            raise ValueError(f"--{knob}={getattr(c, knob)!r}: use one of {', '.join(_DTYPES)}")
+        if getattr(c, knob) not in DTYPES:
+            raise ValueError(f"--{knob}={getattr(c, knob)!r}: use one of {', '.join(DTYPES)}")
     if c.batch_size < 1 or c.shard_size < 1 or c.steps < 1:
         raise ValueError("batch_size, shard_size and steps must be at least 1")
     ddim_timesteps(c.steps, c.spacing)  # a bad spacing fails now, not after loading the teacher
@@ -309,7 +309,7 @@ def main(**overrides):
     # prompts and the teacher
     prompt_list = read_prompts(c.prompts)
     n = c.num_pairs or len(prompt_list)
-    t = load_teacher(c.teacher, dev, _DTYPES[c.dtype], tokenizer=c.tokenizer or None,
+    t = load_teacher(c.teacher, dev, DTYPES[c.dtype], tokenizer=c.tokenizer or None,
                      prediction_type=c.prediction_type or None)
     res = c.resolution or t.resolution
     shape = t.latent_shape(res)
@@ -365,7 +365,7 @@ def main(**overrides):
                 x = ddim_sample(unet, z[b:b + c.batch_size].to(dev), cond, uncond, c.steps, c.guidance, c.spacing,
                                 alphas_cumprod=t.alphas_cumprod, prediction_type=t.prediction_type,
                                 steps_offset=t.steps_offset)
-                xs.append(x.to(_DTYPES[c.latent_dtype]).cpu())
+                xs.append(x.to(DTYPES[c.latent_dtype]).cpu())
                 pbar.update(len(xs[-1]))
             x = torch.cat(xs)
             if not torch.isfinite(x).all():

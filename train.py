@@ -81,7 +81,7 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 import losses  # noqa: E402  (after the knobs so that --help is instant)
 from discriminator import Discriminator  # noqa: E402
-from make_pairs import _DTYPES, PairDataset, setup_distributed, teacher_fingerprint  # noqa: E402
+from make_pairs import DTYPES, PairDataset, setup_distributed, teacher_fingerprint  # noqa: E402
 from sample import one_step, seeded_noise  # noqa: E402
 from teacher import load_teacher  # noqa: E402
 
@@ -123,7 +123,7 @@ if toy and not os.path.exists(os.path.join(pairs, "index.json")):
         dist.barrier()
 data = PairDataset(pairs)
 made_by = data.index["settings"]["teacher_fingerprint"]  # pairs from another teacher would train G on the wrong task
-if made_by != teacher_fingerprint(T, _DTYPES[data.index["settings"]["dtype"]]):
+if made_by != teacher_fingerprint(T, DTYPES[data.index["settings"]["dtype"]]):
     raise SystemExit(f"{pairs}/index.json: these pairs were made by another teacher than --teacher={teacher} "
                      "(its UNet, text encoder, tokenizer or schedule differ): make pairs with this teacher, or train "
                      "with the teacher that made them")
