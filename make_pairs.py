@@ -244,7 +244,7 @@ def teacher_fingerprint(t, dtype=None):
     h = hashlib.sha256()
     for name, m in [("unet", t.unet)] + [(f"text_encoder{i}", e) for i, e in enumerate(t.text_encoders)]:
         for k, v in m.state_dict().items():
-            v = v.detach() if dtype is None else v.detach().to(dtype)
+            v = v.detach().to(dtype or v.dtype)
             h.update(f"{name}.{k} {v.dtype} {tuple(v.shape)}".encode())
             h.update(v.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
     for tok in t.tokenizers:

@@ -364,15 +364,14 @@ while step < max_steps:
             terms.setdefault(key, [0, 0])[0] += v.float()
             terms[key][1] += 1
     # optimiser steps, gradient norms, EMA
-    norms = {}
     for name, opt, net, clip in (("g", opt_g, raw_G, grad_clip), ("d", opt_d, raw_D, grad_clip_d)):
         if opt is None:
             continue
         scaler.unscale_(opt)
-        norms[name] = torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip > 0 else float("inf"))  # before clipping
         scaler.step(opt)
         opt.zero_grad(set_to_none=True)
-        terms.setdefault(f"gnorm_{name}", [0, 0])[0] += norms[name].float()
+        terms.setdefault(f"gnorm_{name}", [0, 0])[0] += norm.float()
         terms[f"gnorm_{name}"][1] += 1
     scaler.update()
     with torch.no_grad():
