@@ -439,7 +439,8 @@ def unet_config_from_diffusers(d, source):
                             resnet_time_scale_shift="default", mid_block_type="UNetMidBlock2DCrossAttn",
                             dual_cross_attention=False, only_cross_attention=False, num_class_embeds=None,
                             conv_in_kernel=3, conv_out_kernel=3, downsample_padding=1, mid_block_scale_factor=1,
-                            norm_eps=1e-5, attention_type="default", reverse_transformer_layers_per_block=None),
+                            norm_eps=1e-5, attention_type="default", reverse_transformer_layers_per_block=None,
+                            time_embedding_act_fn=None, timestep_post_act=None),
                     source)
     if d.get("addition_embed_type") not in (None, "text_time"):
         raise ValueError(f"{source}: unsupported config addition_embed_type={d['addition_embed_type']!r}")
@@ -608,45 +609,58 @@ def read_checkpoint(path):
         return read_safetensors(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception as e:  # torch's weights_only message puts its one useful line after a long preamble
+        m = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
+        reason = m[1].split(". ")[0] if m else str(e)[-300:]
+        if "Unsupported global" in reason:  # e.g. a Lightning training checkpoint, with its callbacks pickled
+            raise ValueError(f"{path}: holds pickled Python objects besides the weights, which torch.load refuses "
+                             f"with weights_only=True ({reason}); convert the file to .safetensors (where you trust "
+                             "it) and load that") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: not a checkpoint (expected a dict of tensors, found {type(sd).__name__})")
     return sd
 
 
+def weight_files(stem, variant=None):
+    """The names diffusers and transformers give a model's safetensors weights: one file, its index if sharded,
+    and the shards (for variant fp16: stem.fp16.safetensors, stem.safetensors.index.fp16.json, stem.fp16-*-of-*)."""
+    v = f".{variant}" if variant else ""
+    return [f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json", f"{stem}{v}-*-of-*.safetensors"]
+
+
 def read_folder_weights(folder, variant=None):
-    """All tensors of a diffusers model folder: one safetensors file, or shards listed in an index.json."""
-    names = [f"diffusion_pytorch_model.{variant}.safetensors"] if variant else []
-    names += ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]
-    for name in names:
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            return read_safetensors(path), path
-        if os.path.exists(path + ".index.json"):
-            with open(path + ".index.json") as f:
+    """All tensors of a diffusers model folder: one safetensors file, or shards listed in an index.json. The
+    requested variant first, then the plain weights, then fp16 ones."""
+    for v in [variant, None, "fp16"]:
+        file, index, _ = (os.path.join(folder, name) for name in weight_files("diffusion_pytorch_model", v))
+        if os.path.exists(file):
+            return read_safetensors(file), file
+        if os.path.exists(index):
+            with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             sd = {}
             for shard in shards:
                 sd.update(read_safetensors(os.path.join(folder, shard)))
-            return sd, path + ".index.json"
+            return sd, index
     found = sorted(os.listdir(folder))
     raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model[.fp16].safetensors (or sharded index) here; "
                             f"found {found[:10]}" + (" (.bin pickles are not read: convert them to safetensors)"
                                                      if any(f.endswith(".bin") for f in found) else ""))
 
 
-def hub_folder(repo_id, subfolder):
-    """Download only config.json and the safetensors of one subfolder of a hub repo (needs internet)."""
+def hub_folder(repo_id, subfolder, variant=None):
+    """Download only config.json and the variant's safetensors of one subfolder of a pipeline repo, or of a model
+    repo's top level (stabilityai/sdxl-vae) (needs internet)."""
     try:
         from huggingface_hub import snapshot_download
-        root = snapshot_download(repo_id, allow_patterns=[f"{subfolder}/config.json", f"{subfolder}/*.safetensors",
-                                                          f"{subfolder}/*.safetensors.index.json"])
+        files = ["config.json"] + weight_files("diffusion_pytorch_model", variant)
+        root = snapshot_download(repo_id, allow_patterns=files + [f"{subfolder}/{f}" for f in files])
     except Exception as e:
         raise FileNotFoundError(f"{repo_id}: not a local path, and downloading it from the hub failed "
                                 f"({type(e).__name__}: {str(e)[:300]})") from None
-    return os.path.join(root, subfolder)
+    return os.path.join(root, subfolder) if os.path.isdir(os.path.join(root, subfolder)) else root
 
 
 def load_strict(model, sd, source, dtype=None):
@@ -671,7 +685,7 @@ def _build(cls, cfg, sd, source, dtype):
     return load_strict(model, sd, source, dtype).eval()
 
 
-def _resolve(path, sub):
+def _resolve(path, sub, variant=None):
     """A diffusers model folder for `sub` ('unet' or 'vae'): the pipeline root, the subfolder itself, or a hub id."""
     if os.path.isdir(path):
         folder = os.path.join(path, sub) if os.path.isdir(os.path.join(path, sub)) else path
@@ -681,7 +695,7 @@ def _resolve(path, sub):
     if os.path.exists(path):
         return None  # a single file
     if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
-        return hub_folder(path, sub)
+        return hub_folder(path, sub, variant)
     raise FileNotFoundError(f"{path}: no such file or folder (and not a hub id like org/name)")
 
 
@@ -692,23 +706,24 @@ def _from_folder(folder, cls, config, from_diffusers, dtype, variant):
     return _build(cls, cfg, sd, source, dtype)
 
 
-def _single_file(path, prefix):
-    """The state dict of an original single file, checked to hold the part under `prefix`."""
-    sd = read_checkpoint(path)
+def _single_file(path, prefix, sd=None):
+    """The state dict of an original single file (read here unless given), checked to hold the part under `prefix`."""
+    sd = read_checkpoint(path) if sd is None else sd
     if not any(k.startswith(prefix) for k in sd):
         raise ValueError(f"{path}: no {prefix}* keys: not an original Stable Diffusion checkpoint "
                          f"(first keys: {list(sd)[:3]})")
     return sd
 
 
-def load_unet(path, config=None, dtype=torch.float32, variant=None):
+def load_unet(path, config=None, dtype=torch.float32, variant=None, sd=None):
     """The UNet from a diffusers folder, a single file (.safetensors/.ckpt) or a hub id. For a single file the
-    config is the preset of the detected family (or the UNetConfig/preset name you give)."""
+    config is the preset of the detected family (or the UNetConfig/preset name you give); sd= the file's state dict
+    if you have already read it."""
     config = UNET_PRESETS[config] if isinstance(config, str) else config
-    folder = _resolve(path, "unet")
+    folder = _resolve(path, "unet", variant)
     if folder is not None:
         return _from_folder(folder, UNet, config, unet_config_from_diffusers, dtype, variant)
-    sd = _single_file(path, "model.diffusion_model.")
+    sd = _single_file(path, "model.diffusion_model.", sd)
     cfg = config or UNET_PRESETS.get(ldm_family(sd))
     if cfg is None:
         raise ValueError(f"{path}: not an SD1/SD2/SDXL UNet (no SD-style input_blocks; an SD3/FLUX transformer?); "
@@ -716,13 +731,13 @@ def load_unet(path, config=None, dtype=torch.float32, variant=None):
     return _build(UNet, cfg, from_ldm(sd, "model.diffusion_model.", unet_key_from_ldm, cfg), path, dtype)
 
 
-def load_vae(path, config=None, dtype=torch.float32, variant=None):
+def load_vae(path, config=None, dtype=torch.float32, variant=None, sd=None):
     """The VAE from a diffusers folder, a single file or a hub id (see load_unet)."""
     config = VAE_PRESETS[config] if isinstance(config, str) else config
-    folder = _resolve(path, "vae")
+    folder = _resolve(path, "vae", variant)
     if folder is not None:
         return _from_folder(folder, VAE, config, vae_config_from_diffusers, dtype, variant)
-    sd = _single_file(path, "first_stage_model.")
+    sd = _single_file(path, "first_stage_model.", sd)
     cfg = config or VAE_PRESETS["sdxl" if ldm_family(sd) == "sdxl" else "sd"]
     return _build(VAE, cfg, from_ldm(sd, "first_stage_model.", vae_key_from_ldm, cfg), path, dtype)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from model import ldm_family, load_unet, load_vae, read_checkpoint
+from model import ldm_family, load_unet, load_vae, read_checkpoint, weight_files
 
 # -----------------------------------------------------------------------------
 # noise schedule, parameterisations and the sampler (pure functions)
@@ -94,6 +94,7 @@ def ddim_sample(unet, z, cond, uncond, steps=50, guidance=3.0, spacing="trailing
     dtype = cond["context"].dtype
     x = z.float()
     for i, t in enumerate(ts):
+        t = torch.tensor(t, device=z.device)  # a tensor: torch.compile would recompile the UNet for each int
         out = unet(torch.cat([x, x]).to(dtype) if use_cfg else x.to(dtype), t, **cond).float()
         if use_cfg:
             out_u, out_c = out.chunk(2)
@@ -289,7 +290,7 @@ def load_teacher(path, device="cpu", dtype=torch.float32, tokenizer=None, predic
     is in eval mode with requires_grad False; unet_config/vae_config override the detected configs (see model.py)."""
     if not os.path.exists(path) and not is_hub_id(path):
         raise FileNotFoundError(f"{path}: no such file or folder (and not a hub id like org/name)")
-    root, sched, force_zeros = path, {}, True
+    root, sched, force_zeros, sd = path, {}, True, None
     if os.path.isfile(path):
         if tokenizer is None:
             raise ValueError(f"{path}: " + TOKENIZER_HINT)
@@ -298,7 +299,13 @@ def load_teacher(path, device="cpu", dtype=torch.float32, tokenizer=None, predic
         if family is None:
             raise ValueError(f"{path}: not an SD1/SD2/SDXL checkpoint with text encoders")
         tokenizers = load_tokenizers(tokenizer, 2 if family == "sdxl" else 1)
-        part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+        def part(prefix):  # one text encoder's tensors, prefix removed
+            out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if not out:
+                raise ValueError(f"{path}: no text-encoder weights under {prefix}*; a UNet-only file needs a diffusers "
+                                 "pipeline folder or a full single-file checkpoint (UNet, VAE and text encoders)")
+            return out
         if family == "sdxl":
             encoders = [clip_from_state(part("conditioner.embedders.0.transformer."), path, tokenizers[0], False),
                         clip_from_state(part("conditioner.embedders.1.model."), path, tokenizers[1], True, True)]
@@ -306,15 +313,13 @@ def load_teacher(path, device="cpu", dtype=torch.float32, tokenizer=None, predic
             encoders = [clip_from_state(part("cond_stage_model.model."), path, tokenizers[0], True, drop_last=True)]
         else:
             encoders = [clip_from_state(part("cond_stage_model.transformer."), path, tokenizers[0], False)]
-        del sd  # (model.py reads the file again for the UNet and the VAE)
         sched["prediction_type"] = "v_prediction" if family == "sd21" else "epsilon"
     else:
         if is_hub_id(path):
-            w = f".{variant}" if variant else ""
             patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
             for sub, stem in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                               ("text_encoder", "model"), ("text_encoder_2", "model")]:
-                patterns += [f"{sub}/config.json", f"{sub}/{stem}{w}.safetensors*", f"{sub}/{stem}{w}-*-of-*"]
+                patterns += [f"{sub}/{f}" for f in ["config.json"] + weight_files(stem, variant)]
             root = hub_snapshot(path, patterns)
         if not os.path.isdir(os.path.join(root, "text_encoder")):
             raise FileNotFoundError(f"{path}: no text_encoder/ folder: not a diffusers text-to-image pipeline")
@@ -329,10 +334,11 @@ def load_teacher(path, device="cpu", dtype=torch.float32, tokenizer=None, predic
         for key in ["rescale_betas_zero_snr", "trained_betas"]:
             if sched.get(key):
                 raise ValueError(f"{root}/scheduler/scheduler_config.json: {key} is not supported")
-    unet = load_unet(root, unet_config, dtype, variant)
-    vae = load_vae(root, vae_config, dtype, variant)
-    if vae.cfg.force_upcast:  # SDXL's VAE overflows in fp16: keep it in fp32
-        vae = vae.float()
+    unet = load_unet(root, unet_config, dtype, variant, sd=sd)
+    vae = load_vae(root, vae_config, torch.float32, variant, sd=sd)
+    if not (vae.cfg.force_upcast and dtype == torch.float16):  # SDXL's VAE overflows in fp16: there keep it in fp32,
+        vae = vae.to(dtype)  # unrounded (like diffusers' SDXL pipeline, which upcasts for fp16 only, not bf16)
+    del sd  # (a single file is read once, above; free what no model took over)
     encoders = [e.to(device, dtype) for e in encoders]
     for m in [unet.to(device), vae.to(device), *encoders]:
         m.eval().requires_grad_(False)

@@ -101,6 +101,42 @@ def test_sharded_and_fp16_variant_folders(tmp_path):
     assert b.conv_in.weight.dtype == torch.float32
 
 
+def test_sharded_variant_folder(tmp_path):
+    """diffusers names a sharded variant's index diffusion_pytorch_model.safetensors.index.fp16.json."""
+    cfg = UNET_PRESETS["tiny-sd1"]
+    ref = diffusers_unet(cfg).half()
+    ref.save_pretrained(tmp_path / "unet", variant="fp16", max_shard_size="500KB")
+    assert os.path.exists(tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json")
+    ours = load_unet(str(tmp_path), variant="fp16")
+    x, t, ctx, _ = unet_inputs(cfg)
+    with torch.no_grad():
+        expected = run_diffusers_unet(ref.float(), x, t, ctx, {})  # the same fp16-rounded weights, run in fp32
+        assert (ours(x, t, ctx) - expected).abs().max().item() < TOL
+
+
+def test_hub_download_patterns_follow_variant(tmp_path, monkeypatch):
+    """A hub id downloads config.json and the requested variant's weights only (a stub stands in for the hub)."""
+    import fnmatch
+    import huggingface_hub
+    diffusers_vae(VAE_PRESETS["tiny"]).save_pretrained(tmp_path / "repo", variant="fp16")  # a model repo: top level
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: asked.append(allow_patterns) or str(tmp_path / "repo"))
+    assert load_vae("org/vae", variant="fp16").cfg == VAE_PRESETS["tiny"]
+    plain = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+             "diffusion_pytorch_model-00001-of-00002.safetensors"]
+    fp16 = ["config.json", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.safetensors.index.fp16.json",
+            "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"]
+    repo = plain + fp16[1:] + ["diffusion_pytorch_model.bin"]
+    repo += [f"{sub}/{f}" for sub in ["unet", "vae"] for f in repo]  # a model repo's or a pipeline repo's files
+    got = lambda patterns: [f for f in repo if any(fnmatch.fnmatchcase(f, p) for p in patterns)]
+    assert sorted(got(asked[0])) == sorted(fp16 + ["vae/" + f for f in fp16])
+    with pytest.raises(ValueError, match="not a UNet2DConditionModel"):  # (the stub serves the VAE)
+        load_unet("org/pipe")  # no variant: the plain weights only
+    assert sorted(got(asked[1])) == sorted(plain + ["unet/" + f for f in plain])
+
+
 def test_saved_folder_loads_in_diffusers(tmp_path):
     for name in ["tiny-sd1", "tiny-sdxl"]:
         cfg = UNET_PRESETS[name]
@@ -276,6 +312,23 @@ def test_error_not_a_checkpoint(tmp_path):
         load_unet(str(tmp_path / "list.ckpt"))
 
 
+class ModelCheckpoint:  # stands in for the Lightning callback pickled into a full LDM training .ckpt
+    best = 1.0
+
+
+def test_error_training_checkpoint_names_the_refused_global(tmp_path):
+    sd = {"model.diffusion_model.conv_in.weight": torch.zeros(1)}
+    torch.save({"state_dict": sd, "global_step": 470000, "callbacks": {"ModelCheckpoint": ModelCheckpoint()}},
+               tmp_path / "full.ckpt")
+    with pytest.raises(ValueError) as e:
+        load_unet(str(tmp_path / "full.ckpt"))
+    msg = str(e.value)
+    print(msg)
+    assert msg.startswith(str(tmp_path / "full.ckpt") + ": holds pickled Python objects besides the weights")
+    assert re.search(r"Unsupported global: GLOBAL \S*ModelCheckpoint", msg) and ".safetensors" in msg
+    assert "not a readable" not in msg and len(msg) < 500 + len(str(tmp_path))
+
+
 def test_error_other_family(tmp_path):
     from safetensors.torch import save_file
     diffusers_vae(VAE_PRESETS["tiny"]).save_pretrained(tmp_path / "vae")
@@ -314,12 +367,14 @@ def test_error_missing_unexpected_and_shape(tmp_path):
     assert "conv_norm_out.weight: file (7,) vs model (32,)" in msg
 
 
-def test_error_unsupported_config(tmp_path):
-    d = model.unet_config_to_diffusers(UNET_PRESETS["tiny-sd1"]) | {"class_embed_type": "timestep"}
+@pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("timestep_post_act", "silu"),
+                                       ("time_embedding_act_fn", "silu")])
+def test_error_unsupported_config(key, value, tmp_path):
+    d = model.unet_config_to_diffusers(UNET_PRESETS["tiny-sd1"]) | {key: value}
     os.makedirs(tmp_path / "unet")
     with open(tmp_path / "unet" / "config.json", "w") as f:
         json.dump(d, f)
-    with pytest.raises(ValueError, match=r"config.json: unsupported config class_embed_type='timestep'"):
+    with pytest.raises(ValueError, match=rf"config.json: unsupported config {key}='{value}' \(we implement None\)"):
         load_unet(str(tmp_path))
 
 

@@ -1,6 +1,8 @@
 """teacher.py against diffusers' own pipelines, on tiny random SD1-, SD2-(v-prediction) and SDXL-like pipelines that
 diffusers saves to disk: text embeddings, the DDIM + guidance trajectory, the schedule and timesteps, the eps/v
 conversions, single-file text encoders, and load errors. fp32 on CPU; trajectories within 1e-4 max abs."""
+import dataclasses
+import fnmatch
 import os
 import re
 
@@ -223,6 +225,27 @@ def test_previous_timestep_comes_from_the_list():
     assert not torch.allclose(x, buggy, rtol=1e-4)
 
 
+def test_compiled_unet_compiles_once():
+    """ddim_sample hands the UNet t as a tensor: a compiled UNet is traced once, not once per timestep (an int t is a
+    constant to torch.compile, which then recompiles at every step and falls back to eager after 8)."""
+    graphs = []
+
+    def count(gm, example_inputs):  # a torch.compile backend that counts the graphs it gets and runs them as they are
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    unet = model.UNet(model.UNET_PRESETS["tiny-sd1"]).eval()
+    ac, z = make_alphas_cumprod(), noise(2)
+    cond = dict(context=torch.randn(2, 7, 32))
+    uncond = dict(context=torch.zeros(2, 7, 32))
+    x = ddim_sample(torch.compile(unet, backend=count), z, cond, uncond, 3, 3.0, alphas_cumprod=ac)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert torch.equal(x, ddim_sample(unet, z, cond, uncond, 3, 3.0, alphas_cumprod=ac))
+
+
 def test_eps_and_v_conversions():
     ac = make_alphas_cumprod()
     x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
@@ -276,6 +299,21 @@ def test_teacher_is_frozen_and_typed(pipelines):
         t.latent_shape(18)
     assert t.time_ids(2, 16, 16) is None
     assert t.decode(x).shape == (1, 3, 16, 16)
+
+
+def test_force_upcast_vae_is_loaded_unrounded(pipelines):
+    """A force_upcast VAE (SDXL's) in an fp16 teacher is fp32 with the file's own fp32 weights, not fp16-rounded ones.
+    In a bf16 teacher it is bf16, as in diffusers' SDXL pipeline, which upcasts only a VAE that is fp16."""
+    _, folder = pipelines("sd1")
+    vcfg = dataclasses.replace(model.VAE_PRESETS["tiny"], force_upcast=True)
+    ref = model.load_vae(folder, vcfg)
+    t = load_teacher(folder, dtype=torch.float16, vae_config=vcfg)
+    assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(t.vae.parameters(), ref.parameters()))
+    x = noise(1)
+    with torch.no_grad():
+        assert torch.equal(t.decode(x.half()), ref.decode(x.half().float() / vcfg.scaling_factor))  # fp16 in, fp32 VAE
+    t = load_teacher(folder, dtype=torch.bfloat16, vae_config=vcfg)
+    assert t.vae.post_quant_conv.weight.dtype == torch.bfloat16 and t.decode(x).dtype == torch.float32
 
 
 def test_shared_time_embedding(pipelines):
@@ -341,16 +379,22 @@ def test_openclip_text_encoders_from_single_file_naming(tmp_path):
         teacher.clip_from_state(sd, "bad.ckpt", tok, openclip=True, projection=True)
 
 
-def test_sd1_single_file_matches_folder(pipelines, tmp_path):
+def write_sd1_single_file(pipe, path, text_encoder=True):
+    """The tiny SD1 pipeline as an original single file (UNet and VAE, and the text encoder unless told not to)."""
     from safetensors.torch import save_file
     from test_model import ldm_unet_key, ldm_vae_sd  # test-only LDM writers, independent of model.py
-    pipe, folder = pipelines("sd1")
     cfg = model.UNET_PRESETS["tiny-sd1"]
     sd = {"model.diffusion_model." + ldm_unet_key(k, cfg): v for k, v in pipe.unet.state_dict().items()}
     sd |= ldm_vae_sd(pipe.vae.state_dict(), 2)
-    sd |= {"cond_stage_model.transformer.text_model." + k: v for k, v in pipe.text_encoder.state_dict().items()}
-    path = str(tmp_path / "sd1.safetensors")
-    save_file(sd, path)
+    if text_encoder:
+        sd |= {"cond_stage_model.transformer.text_model." + k: v for k, v in pipe.text_encoder.state_dict().items()}
+    save_file(sd, str(path))
+    return str(path)
+
+
+def test_sd1_single_file_matches_folder(pipelines, tmp_path):
+    pipe, folder = pipelines("sd1")
+    path = write_sd1_single_file(pipe, tmp_path / "sd1.safetensors")
     with pytest.raises(ValueError, match=r"sd1.safetensors: a single-file checkpoint holds no tokenizer: pass"):
         load_teacher(path, unet_config="tiny-sd1", vae_config="tiny")
     with pytest.raises(FileNotFoundError, match=r"no tokenizer/ folder here .*; a single-file checkpoint holds no tok"):
@@ -363,6 +407,17 @@ def test_sd1_single_file_matches_folder(pipelines, tmp_path):
     assert torch.equal(ca["context"], cb["context"]) and torch.equal(ua["context"], ub["context"])
     z = noise(2)  # equal up to rounding: MKL's one-row GEMM (the shared time embedding) rounds by weight alignment,
     assert (a.sample(z, ca, ua, 2, 3.0) - b.sample(z, cb, ub, 2, 3.0)).abs().max() < TOL  # and that is the file offsets
+
+
+def test_single_file_is_read_once(pipelines, tmp_path, monkeypatch):
+    pipe, folder = pipelines("sd1")
+    path = write_sd1_single_file(pipe, tmp_path / "sd1.safetensors")
+    reads, read = [], model.read_checkpoint
+    counted = lambda p: reads.append(p) or read(p)
+    monkeypatch.setattr(model, "read_checkpoint", counted)
+    monkeypatch.setattr(teacher, "read_checkpoint", counted)
+    load_teacher(path, tokenizer=folder, unet_config="tiny-sd1", vae_config="tiny")
+    assert reads == [path]  # not once more for the UNet and again for the VAE
 
 
 # -----------------------------------------------------------------------------
@@ -381,3 +436,35 @@ def test_load_errors(pipelines, tmp_path):
         teacher.load_tokenizers(folder, 2)
     with pytest.raises(FileNotFoundError, match="no-such-org/no-such-model: not a local path"):
         load_teacher("no-such-org/no-such-model")
+
+
+def test_error_single_file_without_text_encoder(pipelines, tmp_path):
+    pipe, folder = pipelines("sd1")
+    path = write_sd1_single_file(pipe, tmp_path / "unet_vae.safetensors", text_encoder=False)
+    with pytest.raises(ValueError, match=r"unet_vae.safetensors: no text-encoder weights under "
+                                         r"cond_stage_model.transformer.\*; a UNet-only file needs a diffusers"):
+        load_teacher(path, tokenizer=folder, unet_config="tiny-sd1", vae_config="tiny")
+
+
+def test_hub_pipeline_downloads_only_the_variant(monkeypatch):
+    """A hub id downloads the configs, tokenizers and the requested variant's weights, sharded or not (a stub that
+    records the patterns stands in for the hub, then fails like an offline download)."""
+    import huggingface_hub
+    asked = []
+
+    def offline(repo_id, allow_patterns):
+        asked.append(allow_patterns)
+        raise OSError("offline")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="org/pipe: not a local path"):
+        load_teacher("org/pipe", variant="fp16")
+    fp16 = ["unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+            "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors",
+            "text_encoder_2/model.safetensors.index.fp16.json", "text_encoder_2/model.fp16-00001-of-00002.safetensors",
+            "unet/config.json", "tokenizer/vocab.json", "scheduler/scheduler_config.json", "model_index.json"]
+    other = ["unet/diffusion_pytorch_model.safetensors.index.json",
+             "unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model.bin",
+             "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+             "text_encoder_2/model.safetensors.index.json", "text_encoder_2/model-00001-of-00002.safetensors"]
+    assert [f for f in fp16 + other if any(fnmatch.fnmatchcase(f, p) for p in asked[0])] == fp16
