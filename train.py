@@ -48,7 +48,7 @@ d_ms_input = True  # multiscale input: resized x at every encoder level
 d_ms_output = True  # multiscale output: heads before, at and after every skip connection
 t_D = 0  # D's fixed timestep input: it judges clean latents
 mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
-r1_gamma = 1.0  # R1 weight (not published)
+r1_gamma = 1.0  # R1 weight (not published; on the gradient of the summed logits: retune it per resolution)
 r1_interval = 16  # lazy R1: every this many steps, scaled by the interval
 r1_single = True  # R1 on one real sample (paper) or on the whole batch
 # optimisation
@@ -64,6 +64,7 @@ warmup = 20  # linear learning-rate warmup, in steps
 grad_clip = 1.0  # max gradient norm of G (0 = off)
 grad_clip_d = 1.0  # max gradient norm of D, R1 steps included (0 = off: then r1_gamma sets the penalty's real weight)
 ema_decay = 0.99  # EMA of G's weights (the EMA is what sample.py and eval.py use)
+ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step)): without it a 0.9999 EMA still holds 14% of the teacher's weights after 20k steps
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
@@ -161,6 +162,7 @@ G = copy.deepcopy(T.unet).float().train().requires_grad_(True)  # the student st
 ema = copy.deepcopy(G).eval().requires_grad_(False)
 D = None
 if gan:
+    torch.manual_seed(seed)  # the new heads (and with d_init=scratch, all of D) start the same in every run
     D = Discriminator(T.unet, init=d_init, z_cond=d_z_cond, ms_input=d_ms_input, ms_output=d_ms_output, t_D=t_D)
     D = D.to(device).train()
 
@@ -200,6 +202,8 @@ if resume and os.path.exists(ckpt_path):
         D.load_state_dict(ckpt["D"])
         opt_d.load_state_dict(ckpt["opt_d"])
     step = ckpt["step"]
+    if "scaler" in ckpt and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
     del ckpt
@@ -239,6 +243,8 @@ def save_checkpoint():
                                               for k, v in vars(raw_G.cfg).items()}}
     if gan:
         ckpt |= {"D": raw_D.state_dict(), "opt_d": opt_d.state_dict()}
+    if scaler.is_enabled():  # fp16's loss scale, so that a resumed fp16 run continues exactly
+        ckpt["scaler"] = scaler.state_dict()
     torch.save(ckpt, ckpt_path + ".tmp")
     os.replace(ckpt_path + ".tmp", ckpt_path)
 
@@ -253,19 +259,20 @@ else:
                     "an astronaut riding a horse", "a lighthouse at sunset", "a watercolor painting of a forest",
                     "a portrait of an old man", "a city skyline at night"]
 grid_z = seeded_noise(range(10**6, 10**6 + len(grid_prompts)), data.shape, device)
+grid_cond, grid_uncond = T.conditions(grid_prompts, data.index["settings"]["resolution"],
+                                      data.index["settings"]["resolution"])
 grid_teacher = None
+if master:  # the teacher's side of every grid, once (the pairs' sampler)
+    s = data.index["settings"]
+    with torch.no_grad():
+        grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, s["steps"], s["guidance"], s["spacing"]))
+T.unet.to("cpu")  # G and D are copies: the teacher UNet is not needed on the GPU again (3.4 GB for SD1.5, 10 for SDXL)
 
 
 @torch.no_grad()
 def sample_grid(path):
     """Student (EMA) beside teacher for the same z and prompt, decoded with the VAE outside the training step."""
-    global grid_teacher
-    cond, uncond = T.conditions(grid_prompts, data.index["settings"]["resolution"],
-                                data.index["settings"]["resolution"])
-    if grid_teacher is None:
-        s = data.index["settings"]
-        grid_teacher = T.decode(T.sample(grid_z, cond, uncond, s["steps"], s["guidance"], s["spacing"]))
-    student = T.decode(generate(ema, grid_z, cond))
+    student = T.decode(generate(ema, grid_z, grid_cond))
     pairs_ = torch.stack([student, grid_teacher], 1).flatten(0, 1)  # student, teacher, student, teacher, ...
     from toy.shapes import to_pil
     to_pil(pairs_, nrow=8).save(path)
@@ -332,9 +339,10 @@ while step < max_steps:
                 with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # double backward
                     r1 = losses.r1_penalty(lambda xx: raw_D(xx, z[:k], **sub), x[:k], gamma=r1_gamma,
                                            interval=r1_interval)
-                scaler.scale(r1 / grad_accum).backward()
+                scaler.scale(r1).backward()  # once per step, not per micro-step: no 1 / grad_accum
                 step_terms["r1"] = r1.detach()
-            k = int(round(mix_match * len(x)))
+            u = (step * grad_accum + m) * mix_match * len(x)  # mixed fakes so far: a fractional share spreads over
+            k = int(u + mix_match * len(x)) - int(u)  # micro-steps (0.25 of 2: 0, 1, 0, 1, ...) rather than round to 0
             shift = lambda v: v.roll(1, 0)[:k]  # sample i gets sample i-1's noise and prompt
             cat = lambda a, b: torch.cat([a, a, b]) if a is not None else None
             d_cond = {key: cat(v, shift(v) if v is not None else None) for key, v in cond.items()}
@@ -375,7 +383,8 @@ while step < max_steps:
         terms[f"gnorm_{name}"][1] += 1
     scaler.update()
     with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(raw_G.parameters()), 1 - ema_decay)
+        decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
+        torch._foreach_lerp_(list(ema.parameters()), list(raw_G.parameters()), 1 - decay)
     step += 1
 
     # log, check for NaN/Inf (once per interval: no GPU sync in between), sample, checkpoint

@@ -14,6 +14,7 @@ lr_g = 1e-5
 lr_d = 1e-5
 warmup = 500
 ema_decay = 0.9999
+ema_warmup = True  # average all steps so far until 0.9999 takes over (else the EMA keeps teacher weights)
 log_interval = 50
 sample_interval = 1000
 ckpt_interval = 1000

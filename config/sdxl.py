@@ -13,6 +13,7 @@ lr_g = 5e-6
 lr_d = 5e-6
 warmup = 500
 ema_decay = 0.9999
+ema_warmup = True  # average all steps so far until 0.9999 takes over (else the EMA keeps teacher weights)
 log_interval = 50
 sample_interval = 1000
 ckpt_interval = 1000
