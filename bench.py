@@ -64,3 +64,5 @@ if what == 'elpips':
     ms = timed(step)
     print(f"E-LatentLPIPS fwd+bwd | augment {augment or 'none'} | batch {batch} | 4x{size}x{size}"
           f" | {device} {str(dtype).removeprefix('torch.')} | compile {compile} | {ms:.1f} ms")
+else:
+    raise SystemExit(f"--what={what!r}: the sections are: elpips")

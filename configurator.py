@@ -6,7 +6,8 @@ lower-case module-level variables, each with a comment (UPPER_CASE names are con
     python train.py config/sd15.py --batch_size=8 --compile=False
 
 A config file is Python that assigns some of the same names; --key=value parses value as a Python literal (or keeps
-it as a string). Unknown names and wrong types are errors, never silently ignored. `--help` lists every knob.
+it as a string; a text knob keeps any text, --prompt=2024 included). Unknown names and wrong types (None included,
+unless the default is None) are errors, never silently ignored. `--help` lists every knob.
 """
 import ast
 import re
@@ -24,7 +25,7 @@ def _set(g, known, key, value, where):
     old = known[key]
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # --lr=1 means 1.0
-    if old is not None and value is not None and type(value) is not type(old):
+    if old is not None and type(value) is not type(old):  # None too: only a knob whose default is None takes it
         raise SystemExit(f"{where}: {key} must be {type(old).__name__}, got {value!r}")
     g[key] = value
 
@@ -49,6 +50,8 @@ def configure(g, argv=None):
                 value = ast.literal_eval(text)
             except (SyntaxError, ValueError):
                 value = text  # a bare string such as --teacher=toy
+            if isinstance(known.get(key), str) and value is not None and not isinstance(value, str):
+                value = text  # a text knob keeps text that reads as a number: --prompt=2024, --out_dir=1e3
             _set(g, known, key, value, arg)
         else:  # a config file: run it in its own namespace, then copy its knobs over ours
             ns = {}

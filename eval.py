@@ -5,13 +5,14 @@ toy/classifier.py (our stand-in for Inception, since no machine of ours can down
 - acc: attribute accuracy, the share of each caption's attributes that the classifier finds (text alignment);
 - to_teacher: per-sample feature distance to the teacher's image for the same z and caption (the paper's
   DreamSim-to-teacher column).
-TODO: the COCO protocol (FID with clean-fid, CLIP score) for real SD runs.
+Real SD runs use the field's COCO protocol instead (--coco: clean-fid FID and CLIP score; see the README).
 
     python eval.py                                   # the teacher rows of the toy table
     python eval.py --ckpt=out/toy/ckpt.pt --out=out/toy/results   # + a student, written as .md and .json
     python eval.py --sanity=True                     # the metric's floor on real images, and its reactions
 """
 import functools
+import hashlib
 import json
 import os
 import random
@@ -172,10 +173,31 @@ def rank_share(n, rank, world):
 
 
 def save_png(img, path):
-    """Atomic PNG write: an interrupted run never leaves a half-written image that a resume would keep."""
-    tmp = path + ".tmp"
+    """Atomic PNG write: an interrupted run never leaves a half-written image that a resume would keep. The
+    temporary name is the process's own: runs that share the reference folder may write the same image at once."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     img.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def check_folder_settings(folder, settings):
+    """Record what decides a folder's images in folder/settings.json, or check it against the run that wrote them:
+    a resumed run must not keep images of another model, sampler or caption draw. Every rank may call this at once
+    (they write the same text, atomically)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = "; ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in sorted(set(old) | set(
+                settings)) if old.get(k) != settings.get(k))
+            raise SystemExit(f"{path}: the images here were made with other settings ({diff}). Use another --out "
+                             "(--ref_dir for the reference images), or delete the folder to start over")
+        return
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def write_images(make, rows, folder, size, rank=0, world=1, batch_size=16, desc="images"):
@@ -294,11 +316,14 @@ def sanity_table():
 def main():
     from sample import load_student, one_step
     from teacher import load_teacher
-    T, students = None, {}
+    T, students, teachers = None, {}, {}
     for path in [p for p in ckpt.split(",") if p]:
         T, G, cfg = load_student(path)
-        students[f"student {path} (EMA, 1 step)"] = (
-            lambda z, c, G=G, cfg=cfg: one_step(G, z, c, T.alphas_cumprod, T.prediction_type, cfg["t_G"], cfg["g_param"]))
+        teachers[path] = cfg["teacher"]
+        if len(set(teachers.values())) > 1:  # one table: the same captions, conditions and decoder for every row
+            raise SystemExit(f"--ckpt: the checkpoints name different teachers ({teachers}); evaluate them apart")
+        students[f"student {path} (EMA, 1 step)"] = (lambda z, c, G=G, cfg=cfg, T=T: one_step(
+            G, z, c, T.alphas_cumprod, T.prediction_type, cfg["t_G"], cfg["g_param"]))
     T = T or load_teacher("toy/weights/sd")
     table = toy_table(T, students, n, teacher_steps, guidance)
     md = markdown(table, n)
@@ -317,7 +342,7 @@ def coco_main():
 
     import torch.distributed as dist
 
-    from make_pairs import setup_distributed
+    from make_pairs import hash_weights, setup_distributed, teacher_fingerprint
     from sample import load_student, one_step, seeded_noise
     from teacher import load_teacher
     if coco not in COCO:
@@ -342,7 +367,7 @@ def coco_main():
         need("cleanfid.fid", "clean-fid", "FID")
     if "clip" in metrics:
         need("open_clip", "open_clip_torch", "The CLIP score")
-    ddp, rank, world, dev = setup_distributed(device)
+    ddp, rank, world, dev = setup_distributed(device, timeout_hours=24)  # ranks meet once, when all images exist
     N = coco_n or n_default
     rows = coco_captions(cap_path, N, coco_seed)
     ptdtype = getattr(torch, dtype)
@@ -362,6 +387,16 @@ def coco_main():
         return T.decode(sample_fn(z, cond, uncond)).cpu()
 
     images, ref = os.path.join(out, "images"), ref_dir or os.path.join(coco_dir, f"{coco}-{N}-{size}px-seed{coco_seed}")
+    draw = dict(protocol=coco, captions=N, coco_seed=coco_seed, image_size=size)
+    h = hashlib.sha256(teacher_fingerprint(T).encode())  # the weights that make the images: teacher, VAE, student
+    hash_weights(h, "vae", T.vae)
+    if ckpt:
+        hash_weights(h, "student", G)
+    sampler = (f"one step (EMA) at t={cfg['t_G']}, {cfg['g_param']}" if ckpt
+               else f"DDIM {teacher_steps} steps, guidance {guidance:g}")
+    check_folder_settings(images, dict(draw, model=ckpt or teacher, weights_sha256=h.hexdigest(), sampler=sampler,
+                                       dtype=dtype))
+    check_folder_settings(ref, draw)
     write_images(make, rows, images, size, rank, world, batch_size, "generated")
     write_images(real_images(rows, os.path.join(coco_dir, image_folder)), rows, ref, size, rank, world, 64, "reference")
     if ddp:
@@ -373,7 +408,7 @@ def coco_main():
                 raise SystemExit(f"{folder}: {len(missing)} of {N} images missing (first {missing[0]:06d}.png); "
                                  "re-run the same command to finish them")
         res = {"protocol": coco, "captions": N, "image_size": size, "coco_seed": coco_seed, "model": ckpt or teacher,
-               "sampler": "one step (EMA)" if ckpt else f"DDIM {teacher_steps} steps, guidance {guidance:g}",
+               "sampler": sampler,
                "images": images, "reference": ref}
         if "fid" in metrics:
             res["fid"] = clean_fid(images, ref, inception, dev)

@@ -36,6 +36,7 @@ Pair folder format, version 1 (PairDataset below reads it):
       checksums        JSON list of n CRC-32s, one per pair, of the bytes of z[j], then x[j], then the UTF-8 prompt
 """
 import bisect
+import datetime
 import hashlib
 import json
 import os
@@ -79,6 +80,8 @@ onednn = False  # CPU: oneDNN convs are ~1.5x faster, but then the bits depend o
 # the pair folder format (see the docstring)
 
 _FORMAT, _VERSION = "diffusion2gan-pairs", 1
+_SETTINGS = ("teacher_fingerprint", "num_pairs", "shard_size", "latent_shape", "latent_dtype", "dtype", "resolution",
+             "guidance", "steps", "spacing")  # the settings that readers (PairDataset, train.py) use
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -111,6 +114,9 @@ def read_index(folder):
         raise ValueError(f"{path}: not a make_pairs index (no format '{_FORMAT}' and settings)")
     if index.get("version") != _VERSION:
         raise ValueError(f"{path}: format version {index.get('version')}, this reader knows version {_VERSION}")
+    missing = [k for k in _SETTINGS if k not in index["settings"]]
+    if missing:
+        raise ValueError(f"{path}: settings lack {', '.join(missing)}: the index is damaged; remake the pairs")
     return index
 
 
@@ -155,9 +161,12 @@ class PairDataset(torch.utils.data.Dataset):
                 prompts, sums = json.loads(meta["prompts"]), json.loads(meta["checksums"])
                 shapes = [f.get_slice(key).get_shape() for key in ("z", "x")]
                 other_run = meta["settings_sha256"] != self.sha
+                first = k * self.shard_size  # a shard renamed or copied over another holds other pairs' indices
                 problem = ("is from another run (its settings differ from index.json)" if other_run
                            else "has the wrong number of pairs" if len(prompts) != n or len(sums) != n
-                           else "has wrong tensor shapes" if shapes != [[n, *self.shape]] * 2 else None)
+                           else "has wrong tensor shapes" if shapes != [[n, *self.shape]] * 2
+                           else f"holds other pairs than [{first}, {first + n})"
+                           if not torch.equal(f.get_tensor("index"), torch.arange(first, first + n)) else None)
             except Exception as e:  # safetensors' own errors for headers and buffers it cannot read
                 problem = f"is truncated or corrupted ({type(e).__name__}: {str(e)[:200]})"
             if problem:
@@ -200,14 +209,25 @@ def read_prompts(path):
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                row = json.loads(line)
-                field = next((k for k in ("prompt", "caption", "text") if k in row), None)
-                if field is None:
-                    raise ValueError(f"{path}:{n}: no 'prompt', 'caption' or 'text' field in {line[:100]!r}")
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+                field = next((k for k in ("prompt", "caption", "text") if k in row), None) if isinstance(row, dict) \
+                    else None
+                if field is None or not isinstance(row[field], str):
+                    raise ValueError(f"{path}:{n}: expected an object with a 'prompt', 'caption' or 'text' string, "
+                                     f"got {line[:100]!r}")
                 out.append(row[field])
     elif path.endswith(".json"):
-        data = json.loads(text)
-        out = [a["caption"] for a in data["annotations"]] if isinstance(data, dict) else data
+        try:
+            data = json.loads(text)
+            out = [a["caption"] for a in data["annotations"]] if isinstance(data, dict) else data
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not COCO captions (annotations with a caption each) or a list of prompts "
+                             f"({type(e).__name__}: {e})") from None
+        if not isinstance(out, list) or not all(isinstance(p, str) for p in out):
+            raise ValueError(f"{path}: expected COCO captions or a JSON list of prompt strings")
     else:
         out = text.splitlines()
     out = [p.strip() for p in out if p.strip()]
@@ -236,6 +256,14 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def hash_weights(h, name, module, dtype=None):
+    """Feed a module's weights (names, dtypes, shapes, bytes; cast to dtype if given) into the hash h."""
+    for k, v in module.state_dict().items():
+        v = v.detach().to(dtype or v.dtype)
+        h.update(f"{name}.{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+
+
 def teacher_fingerprint(t, dtype=None):
     """sha256 of everything that decides the pairs: UNet and text-encoder weights (names, dtypes, shapes, bytes),
     the tokenizers' vocabularies and lengths, the noise schedule and the prediction type. Not the VAE, not file paths:
@@ -243,10 +271,7 @@ def teacher_fingerprint(t, dtype=None):
     to it (train.py holds the teacher in fp32 and checks it against pairs made in fp16)."""
     h = hashlib.sha256()
     for name, m in [("unet", t.unet)] + [(f"text_encoder{i}", e) for i, e in enumerate(t.text_encoders)]:
-        for k, v in m.state_dict().items():
-            v = v.detach().to(dtype or v.dtype)
-            h.update(f"{name}.{k} {v.dtype} {tuple(v.shape)}".encode())
-            h.update(v.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+        hash_weights(h, name, m, dtype)
     for tok in t.tokenizers:
         h.update(json.dumps([sorted(tok.get_vocab().items()), tok.model_max_length, tok.pad_token_id]).encode())
     h.update(t.alphas_cumprod.numpy().tobytes() + f"{t.prediction_type} {t.steps_offset}".encode())
@@ -277,14 +302,17 @@ def check_index(folder, settings, info):
 # the run
 
 
-def setup_distributed(device):
+def setup_distributed(device, timeout_hours=None):
     """(ddp, rank, world, device) for this process. torchrun sets RANK: then the process group starts (nccl on
     GPU, gloo on CPU) and a cuda device becomes this rank's GPU; plain python gives (False, 0, 1, device).
-    make_pairs.py, train.py and eval.py all start this way."""
+    make_pairs.py, train.py and eval.py all start this way. timeout_hours: how long a collective waits for the
+    slowest rank (torch's default is 10 minutes for nccl): make_pairs and eval meet only at the end of their work,
+    when a rank with one more shard to make can be an hour behind the others."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if not ddp:
         return False, 0, 1, device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    timeout = datetime.timedelta(hours=timeout_hours) if timeout_hours else None
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
@@ -302,7 +330,7 @@ def main(**overrides):
         raise ValueError("batch_size, shard_size and steps must be at least 1")
     ddim_timesteps(c.steps, c.spacing)  # a bad spacing fails now, not after loading the teacher
 
-    ddp, rank, world, dev = setup_distributed(c.device)  # each process makes its own shards
+    ddp, rank, world, dev = setup_distributed(c.device, timeout_hours=24)  # each process makes its own shards
     master = rank == 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 

@@ -67,7 +67,7 @@ n = 8  # images per prompt
 seed = 0  # image i of the run uses noise seed + i
 out_dir = "out/samples"
 batch_size = 64
-resolution = 0  # image side in pixels; 0 = the resolution the pairs were made at (the checkpoint's teacher default)
+resolution = 0  # image side in pixels; 0 = the teacher's native one (make_pairs' default, so what G learned)
 with_teacher = False  # also write a grid with the teacher's DDIM sample for the same z and prompt (slow)
 teacher_steps = 25
 teacher_guidance = 3.0
@@ -83,6 +83,9 @@ if __name__ == "__main__":
     from toy.shapes import to_pil
     T, G, cfg = load_student(ckpt, device)
     if export:
+        if cfg["t_G"] != 999 or cfg["g_param"] != "teacher":  # the diffusers recipe reads t=999 and eps (or v)
+            raise SystemExit(f"{ckpt}: a student trained with t_G={cfg['t_G']}, g_param={cfg['g_param']!r} does not "
+                             "run as diffusers' one DDIM step (that needs t_G=999, g_param='teacher'); sample it here")
         from model import save_pretrained
         save_pretrained(G, export)
         print(f"wrote the student to {export} (diffusers UNet2DConditionModel; see this file's docstring)")

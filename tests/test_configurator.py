@@ -17,11 +17,30 @@ def test_overrides_left_to_right(tmp_path):
     assert g["batch_size"] == 4 and isinstance(g["lr"], float)
 
 
+def test_text_knobs_keep_text_that_reads_as_a_number():
+    out = configure(knobs(), ["--teacher=2024", "--resume_from=1e3"])
+    assert out["teacher"] == "2024" and out["resume_from"] == 1000.0  # a None default takes any literal
+    assert configure(knobs(), ["--teacher='sd15'"])["teacher"] == "sd15"  # a quoted literal is unquoted
+
+
 @pytest.mark.parametrize("argv,msg", [(["--batchsize=4"], "unknown config key 'batchsize'"),
                                       (["--batch_size=four"], "batch_size must be int"),
                                       (["--compile=1"], "compile must be bool"),
+                                      (["--batch_size=None"], "batch_size must be int, got None"),
+                                      (["--teacher=None"], "teacher must be str, got None"),
                                       (["--lr"], "expected --key=value"),
                                       (["missing.py"], "missing.py: no such config file")])
 def test_errors(argv, msg):
     with pytest.raises(SystemExit, match=msg):
         configure(knobs(), argv)
+
+
+@pytest.mark.parametrize("argv,msg", [(["bench.py", "--what=lpips"], "--what='lpips': the sections are: elpips"),
+                                      (["-m", "toy.build", "--stage=vae,teachr"], "unknown teachr (stages: all,")])
+def test_scripts_refuse_unknown_choices(argv, msg):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]

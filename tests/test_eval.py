@@ -123,6 +123,25 @@ def test_ranks_and_resume_give_the_same_images(tmp_path):
     assert read_all(tmp_path / "resumed") == read_all(tmp_path / "one")
 
 
+def test_an_image_interrupted_while_written_is_not_kept(tmp_path):
+    class HalfWritten:  # writes part of a file, then the run is killed
+        def save(self, path, format):
+            open(path, "wb").write(b"\x89PNG half")
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        ev.save_png(HalfWritten(), str(tmp_path / "000000.png"))
+    assert not os.path.exists(tmp_path / "000000.png")  # a resume makes it again
+
+
+def test_a_folder_of_other_settings_is_refused(tmp_path):
+    settings = {"protocol": "coco2014", "captions": 5, "weights_sha256": "a" * 64}
+    ev.check_folder_settings(str(tmp_path / "images"), settings)
+    ev.check_folder_settings(str(tmp_path / "images"), dict(settings))  # the same run resumes
+    with pytest.raises(SystemExit, match=r"images/settings.json: the images here were made with other settings "
+                                         r"\(captions 5 there, 6 now; weights_sha256 'a+' there, 'b+' now\)"):
+        ev.check_folder_settings(str(tmp_path / "images"), dict(settings, captions=6, weights_sha256="b" * 64))
+
+
 def test_clip_score_is_the_mean_cosine_with_the_prefix(tmp_path):
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     for i, c in enumerate(colours):
@@ -173,7 +192,7 @@ def test_coco_run_on_a_toy_teacher(tmp_path):
     r = run(args)
     assert r.returncode == 0, r.stderr[-2000:]
     images = read_all(tmp_path / "run" / "images")
-    assert sorted(images) == [f"{i:06d}.png" for i in range(5)]
+    assert sorted(images) == [f"{i:06d}.png" for i in range(5)] + ["settings.json"]
     assert Image.open(tmp_path / "run" / "images" / "000000.png").size == (256, 256)
     ref = tmp_path / "coco" / "coco2014-5-256px-seed0"
     rows = json.loads((tmp_path / "run" / "captions.json").read_text())
@@ -186,3 +205,6 @@ def test_coco_run_on_a_toy_teacher(tmp_path):
     r = run(args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_all(tmp_path / "run" / "images") == images
+    r = run(args[:-4] + ["--teacher_steps=3"] + args[-3:])  # another sampler into the same folder: refused
+    assert r.returncode != 0 and "images/settings.json: the images here were made with other settings" in r.stderr
+    assert "sampler 'DDIM 2 steps, guidance 3' there, 'DDIM 3 steps, guidance 3' now" in r.stderr, r.stderr[-2000:]

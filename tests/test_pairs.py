@@ -135,8 +135,15 @@ def test_prompt_file_formats(setup, tmp_path):
     for f in [jsonl, coco, listed]:
         assert make_pairs.read_prompts(str(f)) == PROMPTS, f
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a red circle"}\n{"label": 3}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: no 'prompt', 'caption' or 'text' field"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a 'prompt', 'caption' or 'text'"):
         make_pairs.read_prompts(str(tmp_path / "bad.jsonl"))
+    for name, text, msg in [("broken.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"broken.jsonl:2: not a JSON line"),
+                            ("bare.jsonl", '"a red circle"\n', r"bare.jsonl:1: expected an object"),
+                            ("nums.json", "[1, 2]", r"nums.json: expected COCO captions or a JSON list of prompt"),
+                            ("other.json", '{"images": []}', r"other.json: not COCO captions")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            make_pairs.read_prompts(str(tmp_path / name))
 
 
 # -----------------------------------------------------------------------------
@@ -274,3 +281,17 @@ def test_error_corrupted_shard(reference, tmp_path):
     meta_path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"shard-000000.safetensors: shard is from another run"):
         PairDataset(str(d))[0]
+
+
+def test_error_shard_copied_over_another_or_damaged_index(reference, tmp_path):
+    d = copy_folder(reference, tmp_path / "pairs")
+    (d / "shard-000001.safetensors").write_bytes((d / "shard-000000.safetensors").read_bytes())
+    ds = PairDataset(str(d))
+    assert ds[0][2] == PROMPTS[0]
+    with pytest.raises(ValueError, match=r"shard-000001.safetensors: shard holds other pairs than \[4, 8\)"):
+        ds[4]  # without the check: pair 0's noise and prompt, silently
+    index = json.loads((d / "index.json").read_text())
+    del index["settings"]["shard_size"]
+    (d / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index.json: settings lack shard_size: the index is damaged"):
+        PairDataset(str(d))

@@ -62,3 +62,12 @@ def test_sample_writes_images_and_teacher_grid(world, tmp_path):
     files = sorted(os.listdir(tmp_path))
     assert files == ["00000.png", "00001.png", "00002.png", "student_vs_teacher.png"]
     assert Image.open(tmp_path / "00000.png").size == (32, 32)
+
+
+def test_export_refuses_a_student_that_diffusers_would_misread(world, tmp_path):
+    ckpt = torch.load(world / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
+    ckpt["config"]["g_param"] = "x0"  # G's output is x0: diffusers would read it as eps
+    torch.save(ckpt, tmp_path / "x0.pt")
+    r = run(["sample.py", f"--ckpt={tmp_path}/x0.pt", f"--export={tmp_path}/student"])
+    assert r.returncode != 0 and "g_param='x0' does not run as diffusers' one DDIM step" in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "student")

@@ -238,7 +238,12 @@ def eval_teacher(n=500):
     print(md + f"\neval: {time.time() - t0:.0f}s")
 
 
+STAGES = ("classifier", "vae", "teacher", "lpips", "pixel", "eval")
+
 if __name__ == "__main__":
+    unknown = [s for s in stage.split(",") if s not in STAGES + ("all",)]
+    if unknown:
+        raise SystemExit(f"--stage={stage!r}: unknown {', '.join(unknown)} (stages: all, {', '.join(STAGES)})")
     if threads:
         torch.set_num_threads(threads)
     t_all = time.time()
