@@ -259,18 +259,25 @@ def gan_loss_d(real_logits, fake_logits):
     fake = torch.stack([F.softplus(l.float()).mean() for l in _heads(fake_logits)]).mean()
     return real + fake
 
-def r1_penalty(D, x, *cond, gamma=1.0, interval=1):
+def r1_penalty(D, x, *cond, gamma=1.0, interval=1, logits="sum"):
     """R1 (Mescheder et al. 2018) as used by Kang et al. 2024, Sec. 3.3: loss_r1 = gamma/2 * interval *
-    ||d sum(D(x, *cond)) / dx||^2, averaged over the samples given. Pass one real sample (x[:1], its cond) for
+    ||d D(x, *cond) / dx||^2, averaged over the samples given. Pass one real sample (x[:1], its cond) for
     the paper's single-sample R1, or the whole batch; call it every `interval` D steps (lazy regularisation,
     hence the factor). D(x, *cond) returns a list of logit maps or one; wrap yours in a lambda if its argument
     order differs. Use the uncompiled D: torch.compile does not support the double backward this needs.
-    Scale: the gradient is that of the SUM of every logit (the usual R1 of patch and multi-head discriminators),
-    while gan_loss_d averages them; so the penalty grows with the square of the number of logit positions (568 on
-    the toy, about 53,000 for SD1.5 at 512 px) and a gamma tuned at one resolution does not carry to another."""
+    D's scalar per sample is, for logits='sum', the sum of every logit position (the usual R1 of patch and
+    multi-head discriminators): gan_loss_d averages them instead, so this penalty grows with the square of the
+    number of positions (568 on the toy, about 53,000 for SD1.5 at 512 px) and a gamma tuned at one resolution does
+    not carry to another. logits='mean' takes the scalar the loss reads (mean over heads of each head's mean)."""
     x = x.detach().requires_grad_(True)
-    logits = sum(l.float().sum() for l in _heads(D(x, *cond)))
-    (grad,) = torch.autograd.grad(logits, x, create_graph=True)
+    heads = [l.float().flatten(1) for l in _heads(D(x, *cond))]
+    if logits == "sum":
+        score = sum(l.sum() for l in heads)
+    elif logits == "mean":  # summed over samples: each sample's gradient is that of its own score
+        score = torch.stack([l.mean(1) for l in heads]).mean(0).sum()
+    else:
+        raise ValueError(f"r1 logits must be 'sum' or 'mean', not {logits!r}")
+    (grad,) = torch.autograd.grad(score, x, create_graph=True)
     return gamma / 2 * interval * grad.float().square().sum((1, 2, 3)).mean()
 
 # -----------------------------------------------------------------------------

@@ -48,7 +48,8 @@ d_ms_input = True  # multiscale input: resized x at every encoder level
 d_ms_output = True  # multiscale output: heads before, at and after every skip connection
 t_D = 0  # D's fixed timestep input: it judges clean latents
 mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
-r1_gamma = 1.0  # R1 weight (not published; on the gradient of the summed logits: retune it per resolution)
+r1_gamma = 1.0  # R1 weight (not published)
+r1_logits = "sum"  # R1 of the 'sum' of all logits (gamma scales with their count squared) or their 'mean' (as the loss)
 r1_interval = 16  # lazy R1: every this many steps, scaled by the interval
 r1_single = True  # R1 on one real sample (paper) or on the whole batch
 # optimisation
@@ -64,7 +65,7 @@ warmup = 20  # linear learning-rate warmup, in steps
 grad_clip = 1.0  # max gradient norm of G (0 = off)
 grad_clip_d = 1.0  # max gradient norm of D, R1 steps included (0 = off: then r1_gamma sets the penalty's real weight)
 ema_decay = 0.99  # EMA of G's weights (the EMA is what sample.py and eval.py use)
-ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step)): without it a 0.9999 EMA still holds 14% of the teacher's weights after 20k steps
+ema_warmup = False  # decay min(ema_decay, (1+step)/(10+step)); on for 0.9999 (else 14% teacher after 20k steps)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
@@ -263,9 +264,9 @@ grid_cond, grid_uncond = T.conditions(grid_prompts, data.index["settings"]["reso
                                       data.index["settings"]["resolution"])
 grid_teacher = None
 if master:  # the teacher's side of every grid, once (the pairs' sampler)
-    s = data.index["settings"]
     with torch.no_grad():
-        grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, s["steps"], s["guidance"], s["spacing"]))
+        grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, *(data.index["settings"][k] for k in
+                                                                           ("steps", "guidance", "spacing"))))
 T.unet.to("cpu")  # G and D are copies: the teacher UNet is not needed on the GPU again (3.4 GB for SD1.5, 10 for SDXL)
 
 
@@ -338,7 +339,7 @@ while step < max_steps:
                 sub = {key: v[:k] if v is not None else None for key, v in cond.items()}
                 with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # double backward
                     r1 = losses.r1_penalty(lambda xx: raw_D(xx, z[:k], **sub), x[:k], gamma=r1_gamma,
-                                           interval=r1_interval)
+                                           interval=r1_interval, logits=r1_logits)
                 scaler.scale(r1).backward()  # once per step, not per micro-step: no 1 / grad_accum
                 step_terms["r1"] = r1.detach()
             u = (step * grad_accum + m) * mix_match * len(x)  # mixed fakes so far: a fractional share spreads over

@@ -257,6 +257,12 @@ def test_r1_matches_manual_autograd():
     D.zero_grad()
     r1.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.conv.parameters())
+    # logits='mean': the gradient of each sample's score as the GAN loss reads it, the mean of the heads' means
+    r1 = r1_penalty(D, x, c, gamma=0.5, interval=16, logits="mean")
+    xr = x.clone().requires_grad_(True)
+    grads = [torch.autograd.grad(sum(l[i].mean() for l in D(xr, c)) / 2, xr)[0][i] for i in range(3)]
+    manual = 0.5 / 2 * 16 * torch.stack(grads).pow(2).flatten(1).sum(1).mean()
+    torch.testing.assert_close(r1, manual)
 
 # -----------------------------------------------------------------------------
 # regression losses of the ablation

@@ -160,6 +160,22 @@ def test_two_gloo_processes_keep_G_identical(world, tmp_path):
     assert "step 2: G identical on all 2 ranks" in r.stdout
 
 
+def test_two_gloo_processes_equal_one_process(world, tmp_path):
+    """DDP averages G's and D's gradients (R1's included) over ranks: two processes with micro-batches of 2 make the
+    same steps as one process with the batch of 4. L2, no mix-and-match and R1 on every sample: what is drawn per
+    rank or per sample would differ by design."""
+    kw = dict(max_steps=2, r1_interval=1, r1_single=False, regression="l2", mix_match=0)
+    r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+             *args(world, tmp_path / "ddp", **kw)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(["train.py", *args(world, tmp_path / "one", **kw)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load(tmp_path / "ddp"), load(tmp_path / "one")
+    for part in ["G", "D"]:
+        err = max((a[part][k] - b[part][k]).abs().max().item() for k in a[part])
+        assert err <= 3e-4, f"{part}: two processes differ from one by {err}"  # Adam-amplified float noise: ~4e-5
+
+
 def test_nan_stops_the_run_by_name(world, tmp_path):
     r = run(["train.py", *args(world, tmp_path, max_steps=5, lr_g=1e30, lr_d=1e30, ckpt_interval=1, gan=False,
                                  regression="l2")])
