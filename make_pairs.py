@@ -403,6 +403,8 @@ def main(**overrides):
                         checksums=json.dumps([pair_checksum(z[j], x[j], p) for j, p in enumerate(shard_prompts)]))
             path = os.path.join(c.out_dir, shard_name(k))
             save_file({"z": z, "x": x, "index": torch.tensor(list(idx))}, path + ".tmp", metadata=meta)
+            with open(path + ".tmp", "rb") as f:
+                os.fsync(f.fileno())  # on disk before the rename: after a power cut the name never holds an empty file
             os.replace(path + ".tmp", path)  # a killed run never leaves a half shard under the final name
     pbar.close()
 

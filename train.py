@@ -246,7 +246,10 @@ def save_checkpoint():
         ckpt |= {"D": raw_D.state_dict(), "opt_d": opt_d.state_dict()}
     if scaler.is_enabled():  # fp16's loss scale, so that a resumed fp16 run continues exactly
         ckpt["scaler"] = scaler.state_dict()
-    torch.save(ckpt, ckpt_path + ".tmp")
+    with open(ckpt_path + ".tmp", "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty ckpt.pt
     os.replace(ckpt_path + ".tmp", ckpt_path)
 
 

@@ -1,0 +1,27 @@
+"""bench.py: every section runs on tiny models and prints its timing lines (the numbers themselves are measured on
+a GPU, never asserted here)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("argv,lines", [
+    (["--what=elpips", "--batch=2", "--size=8"], [r"E-LatentLPIPS fwd\+bwd \| augment bg \| batch 2 \| 4x8x8"]),
+    (["--what=onestep", "--unet=tiny-sd1", "--vae=tiny", "--batch=2"],
+     [r"UNet forward \| batch 1 \| 16x16", r"UNet forward \| batch 2 \| 16x16", r"VAE decode \| batch 1",
+      r"text encoder \| batch 1", r"one-step text-to-image \(text \+ UNet \+ VAE decode\) \| batch 1"]),
+    (["--what=pairs", "--unet=tiny-sd1", "--steps=2", "--batch=2"], [r"pairs, DDIM 2 \+ CFG 3 \| batch 2 .* pairs/s"]),
+])
+def test_sections_run_on_tiny_models(argv, lines):
+    r = subprocess.run([sys.executable, "bench.py", *argv, "--warmup=0", "--iters=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout.splitlines()
+    assert len(out) == len(lines), r.stdout
+    for line, pattern in zip(out, lines):
+        assert re.search(pattern, line) and re.search(r"\d+(\.\d+)? ms", line), line
