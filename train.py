@@ -400,8 +400,9 @@ while step < max_steps:
             raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)} within the last {n} steps; stopping. "
                                      f"The last good checkpoint ({ckpt_path}) is untouched")
         dt = (time.time() - t_last) / n
+        mem = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else ""
         log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in avg.items())
-            + f" | lr {lr_at(step - 1, lr_g):.2e} | {dt * 1000:.0f} ms | {batch_size / dt:.1f} img/s",
+            + f" | lr {lr_at(step - 1, lr_g):.2e} | {dt * 1000:.0f} ms | {batch_size / dt:.1f} img/s" + mem,
             avg | {"ms_per_step": dt * 1000})
         terms, t_last, n_last = {}, time.time(), step
     if master and (step % sample_interval == 0 or step == max_steps):
