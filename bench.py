@@ -83,10 +83,11 @@ elif what in ('onestep', 'pairs'):
         raise SystemExit(f"--unet={unet}: onestep and pairs time SD1/SD2-shaped UNets (no SDXL pooled text yet)")
     g = model.UNet(cfg).to(device, dtype).eval().requires_grad_(False)
     n = cfg.sample_size
-    width = cfg.context_dim  # CLIP-L (12 layers, 77 tokens) for 768 wide, a 2-layer tower for tiny presets
+    width = cfg.context_dim  # CLIP-L for SD1 (12 layers), OpenCLIP-H's 23 used layers for SD2; tiny presets: 2
+    layers, heads = {768: (12, 12), 1024: (23, 16)}.get(width, (2, 2))
     text = CLIPTextModel(CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, max_position_embeddings=77,
-                                        num_hidden_layers=12 if width >= 768 else 2, projection_dim=width,
-                                        num_attention_heads=12 if width >= 768 else 2, hidden_act='quick_gelu'))
+                                        num_hidden_layers=layers, num_attention_heads=heads, projection_dim=width,
+                                        hidden_act='quick_gelu'))
     text = text.to(device, dtype).eval().requires_grad_(False)
     net = torch.compile(g) if compile else g
     run = f"{unet} | {device} {str(dtype).removeprefix('torch.')} | compile {compile}"

@@ -124,8 +124,8 @@ class Teacher:
         self._uncond = {}
 
     @property
-    def device(self):
-        return self.unet.conv_in.weight.device
+    def device(self):  # the text encoder's, not the UNet's: train.py moves the UNet off the GPU once it is done
+        return self.text_encoders[0].get_input_embeddings().weight.device
 
     @property
     def dtype(self):

@@ -65,7 +65,7 @@ warmup = 20  # linear learning-rate warmup, in steps
 grad_clip = 1.0  # max gradient norm of G (0 = off)
 grad_clip_d = 1.0  # max gradient norm of D, R1 steps included (0 = off: then r1_gamma sets the penalty's real weight)
 ema_decay = 0.99  # EMA of G's weights (the EMA is what sample.py and eval.py use)
-ema_warmup = False  # decay min(ema_decay, (1+step)/(10+step)); on for 0.9999 (else 14% teacher after 20k steps)
+ema_warmup = False  # decay min(ema_decay, 1 - 9/(10+step)), ~the last 1/9 of the steps (0.9999 alone: 14% teacher at 20k)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
@@ -267,9 +267,9 @@ grid_cond, grid_uncond = T.conditions(grid_prompts, data.index["settings"]["reso
                                       data.index["settings"]["resolution"])
 grid_teacher = None
 if master:  # the teacher's side of every grid, once (the pairs' sampler)
+    s = data.index["settings"]
     with torch.no_grad():
-        grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, *(data.index["settings"][k] for k in
-                                                                           ("steps", "guidance", "spacing"))))
+        grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, s["steps"], s["guidance"], s["spacing"]))
 T.unet.to("cpu")  # G and D are copies: the teacher UNet is not needed on the GPU again (3.4 GB for SD1.5, 10 for SDXL)
 
 
@@ -345,8 +345,8 @@ while step < max_steps:
                                            interval=r1_interval, logits=r1_logits)
                 scaler.scale(r1).backward()  # once per step, not per micro-step: no 1 / grad_accum
                 step_terms["r1"] = r1.detach()
-            u = (step * grad_accum + m) * mix_match * len(x)  # mixed fakes so far: a fractional share spreads over
-            k = int(u + mix_match * len(x)) - int(u)  # micro-steps (0.25 of 2: 0, 1, 0, 1, ...) rather than round to 0
+            mixed = lambda j: math.floor(round(j * mix_match * len(x), 6))  # mixed fakes in micro-steps 0..j-1:
+            k = mixed(step * grad_accum + m + 1) - mixed(step * grad_accum + m)  # 0.25 of 2 gives 0, 1, 0, 1, ...
             shift = lambda v: v.roll(1, 0)[:k]  # sample i gets sample i-1's noise and prompt
             cat = lambda a, b: torch.cat([a, a, b]) if a is not None else None
             d_cond = {key: cat(v, shift(v) if v is not None else None) for key, v in cond.items()}

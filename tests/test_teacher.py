@@ -301,6 +301,17 @@ def test_teacher_is_frozen_and_typed(pipelines):
     assert t.decode(x).shape == (1, 3, 16, 16)
 
 
+def test_text_and_time_ids_stay_where_the_text_encoders_are(pipelines):
+    """train.py moves the teacher UNet off the GPU once G and D are copied: conditioning must not follow it."""
+    _, folder = pipelines("sdxl")
+    t = load_teacher(folder)
+    want = t.conditions(PROMPTS, SIZE, SIZE)[0]["context"]
+    t.unet.to("meta")  # stands for "another device" on a CPU-only machine
+    assert t.device == torch.device("cpu")
+    cond, _ = t.conditions(PROMPTS, SIZE, SIZE)
+    assert torch.equal(cond["context"], want) and t.time_ids(2, SIZE, SIZE).device == torch.device("cpu")
+
+
 def test_force_upcast_vae_is_loaded_unrounded(pipelines):
     """A force_upcast VAE (SDXL's) in an fp16 teacher is fp32 with the file's own fp32 weights, not fp16-rounded ones.
     In a bf16 teacher it is bf16, as in diffusers' SDXL pipeline, which upcasts only a VAE that is fp16."""

@@ -119,6 +119,20 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     assert ca["opt_g"]["state"].keys() == cb["opt_g"]["state"].keys()
 
 
+def relative_differences(world, a, b):
+    """{part: |a - b| / |a - start|} for G and D of two checkpoints, as whole-vector norms. Not an elementwise max:
+    Adam turns rounding noise in near-zero gradients (D's head biases at step 1, where real and fake pull equally)
+    into steps of up to lr, on any machine; relative to the whole update that noise is 1e-5, while R1 at half
+    weight (grad_accum) or on one sample per rank (DDP) makes D differ by 0.3."""
+    import model
+    from discriminator import Discriminator
+    unet = model.load_unet(str(world / "sd"))
+    start = {"G": unet.state_dict(), "D": Discriminator(unet).state_dict()}
+    norm = lambda d: sum(v.double().square().sum() for v in d.values()).sqrt().item()  # noqa: E731
+    return {p: norm({k: a[p][k] - b[p][k] for k in a[p]}) / norm({k: a[p][k] - start[p][k] for k in a[p]})
+            for p in ["G", "D"]}
+
+
 def test_grad_accum_equals_one_big_batch(world, tmp_path):
     """Two micro-steps of 2 make the same step as one batch of 4: the D and G losses average over micro-steps, and
     R1 (once per step, here at both steps) keeps its full weight. L2 and no mix-and-match: augmentations and
@@ -127,12 +141,8 @@ def test_grad_accum_equals_one_big_batch(world, tmp_path):
     for out, accum in [(tmp_path / "a1", 1), (tmp_path / "a2", 2)]:
         r = run(["train.py", *args(world, out, grad_accum=accum, **kw)])
         assert r.returncode == 0, r.stderr[-3000:]
-    a1, a2 = load(tmp_path / "a1"), load(tmp_path / "a2")
-    for part in ["G", "D"]:
-        err = max((a1[part][k] - a2[part][k]).abs().max().item() for k in a1[part])
-        # 4e-5 is float noise made visible by Adam (D's head biases get ~0 gradient at step 1: real and fake pull
-        # equally); R1 at half weight, the bug this guards against, moved D by 3e-3
-        assert err <= 3e-4, f"{part}: grad_accum=2 differs from one batch by {err}"
+    for part, err in relative_differences(world, load(tmp_path / "a1"), load(tmp_path / "a2")).items():
+        assert err <= 0.01, f"{part}: grad_accum=2 differs from one batch by {err:.2e} of its update"
 
 
 def test_mix_and_match_share_survives_small_micro_batches(world, tmp_path, monkeypatch):
@@ -170,10 +180,8 @@ def test_two_gloo_processes_equal_one_process(world, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     r = run(["train.py", *args(world, tmp_path / "one", **kw)])
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = load(tmp_path / "ddp"), load(tmp_path / "one")
-    for part in ["G", "D"]:
-        err = max((a[part][k] - b[part][k]).abs().max().item() for k in a[part])
-        assert err <= 3e-4, f"{part}: two processes differ from one by {err}"  # Adam-amplified float noise: ~4e-5
+    for part, err in relative_differences(world, load(tmp_path / "ddp"), load(tmp_path / "one")).items():
+        assert err <= 0.01, f"{part}: two processes differ from one by {err:.2e} of its update"
 
 
 def test_nan_stops_the_run_by_name(world, tmp_path):
