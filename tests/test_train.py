@@ -145,6 +145,17 @@ def test_grad_accum_equals_one_big_batch(world, tmp_path):
         assert err <= 0.01, f"{part}: grad_accum=2 differs from one batch by {err:.2e} of its update"
 
 
+def test_ema_warmup_follows_G_early(world, tmp_path):
+    """With ema_warmup the first update uses decay 1/10 (min(ema_decay, (1 + 0) / (10 + 0))), not ema_decay."""
+    import model
+    r = run(["train.py", *args(world, tmp_path, max_steps=1, gan=False, regression="l2", ema_decay=0.9999,
+                               ema_warmup=True)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt, teacher = load(tmp_path), model.load_unet(str(world / "sd")).state_dict()
+    for k in ["conv_in.weight", "conv_out.bias"]:
+        torch.testing.assert_close(ckpt["ema"][k], 0.1 * teacher[k] + 0.9 * ckpt["G"][k])
+
+
 def test_mix_and_match_share_survives_small_micro_batches(world, tmp_path, monkeypatch):
     """mix_match=0.25 of a micro-batch of 2 is half a sample: every other micro-step mixes one, not none."""
     import discriminator
