@@ -184,20 +184,21 @@ def check_folder_settings(folder, settings):
     """Record what decides a folder's images in folder/settings.json, or check it against the run that wrote them:
     a resumed run must not keep images of another model, sampler or caption draw. Every rank may call this at once
     (they write the same text, atomically)."""
+    from make_pairs import settings_diff
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "settings.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         if old != settings:
-            diff = "; ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in sorted(set(old) | set(
-                settings)) if old.get(k) != settings.get(k))
-            raise SystemExit(f"{path}: the images here were made with other settings ({diff}). Use another --out "
-                             "(--ref_dir for the reference images), or delete the folder to start over")
+            raise SystemExit(f"{path}: the images here were made with other settings ({settings_diff(old, settings)})."
+                             " Use another --out (--ref_dir for the reference images), or delete the folder to start "
+                             "over")
         return
-    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(settings, f, indent=1)
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    os.replace(tmp, path)
 
 
 def write_images(make, rows, folder, size, rank=0, world=1, batch_size=16, desc="images"):

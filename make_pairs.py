@@ -213,8 +213,8 @@ def read_prompts(path):
                     row = json.loads(line)
                 except ValueError as e:
                     raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-                field = next((k for k in ("prompt", "caption", "text") if k in row), None) if isinstance(row, dict) \
-                    else None
+                row = row if isinstance(row, dict) else {}  # a bare string or list: refused below
+                field = next((k for k in ("prompt", "caption", "text") if k in row), None)
                 if field is None or not isinstance(row[field], str):
                     raise ValueError(f"{path}:{n}: expected an object with a 'prompt', 'caption' or 'text' string, "
                                      f"got {line[:100]!r}")
@@ -290,12 +290,17 @@ def check_index(folder, settings, info):
         os.replace(path + ".tmp", path)
         return
     old = read_index(folder)["settings"]
-    diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-    if diff:
-        what = "; ".join(f"{k} {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
-        teacher_changed = " It was made with another teacher." if "teacher_fingerprint" in diff else ""
-        raise ValueError(f"{folder}: was made with other settings ({what}).{teacher_changed} Use a new --out_dir, or "
-                         "delete the folder to start over")
+    if old != settings:
+        other_teacher = old.get("teacher_fingerprint") != settings.get("teacher_fingerprint")
+        raise ValueError(f"{folder}: was made with other settings ({settings_diff(old, settings)})."
+                         + (" It was made with another teacher." if other_teacher else "")
+                         + " Use a new --out_dir, or delete the folder to start over")
+
+
+def settings_diff(old, new):
+    """The keys on which two settings dicts differ, as 'key old there, new now; ...' (also eval.py's folders)."""
+    return "; ".join(f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
 
 
 # -----------------------------------------------------------------------------

@@ -650,16 +650,21 @@ def read_folder_weights(folder, variant=None):
                                                      if any(f.endswith(".bin") for f in found) else ""))
 
 
-def hub_folder(repo_id, subfolder, variant=None):
-    """Download only config.json and the variant's safetensors of one subfolder of a pipeline repo, or of a model
-    repo's top level (stabilityai/sdxl-vae) (needs internet)."""
+def hub_snapshot(repo_id, patterns):
+    """The local folder of the files of a hub repo that match patterns, downloaded if needed (needs internet)."""
     try:
         from huggingface_hub import snapshot_download
-        files = ["config.json"] + weight_files("diffusion_pytorch_model", variant)
-        root = snapshot_download(repo_id, allow_patterns=files + [f"{subfolder}/{f}" for f in files])
+        return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as e:
         raise FileNotFoundError(f"{repo_id}: not a local path, and downloading it from the hub failed "
                                 f"({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def hub_folder(repo_id, subfolder, variant=None):
+    """Download only config.json and the variant's safetensors of one subfolder of a pipeline repo, or of a model
+    repo's top level (stabilityai/sdxl-vae)."""
+    files = ["config.json"] + weight_files("diffusion_pytorch_model", variant)
+    root = hub_snapshot(repo_id, files + [f"{subfolder}/{f}" for f in files])
     return os.path.join(root, subfolder) if os.path.isdir(os.path.join(root, subfolder)) else root
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from model import ldm_family, load_unet, load_vae, read_checkpoint, weight_files
+from model import hub_snapshot, ldm_family, load_unet, load_vae, read_checkpoint, weight_files
 
 # -----------------------------------------------------------------------------
 # noise schedule, parameterisations and the sampler (pure functions)
@@ -205,15 +205,6 @@ class Teacher:
 TOKENIZER_HINT = ("a single-file checkpoint holds no tokenizer: pass tokenizer= a folder or hub id that has one "
                   "(e.g. openai/clip-vit-large-patch14 for SD1.x, stabilityai/stable-diffusion-2-1 for SD2.x, "
                   "stabilityai/stable-diffusion-xl-base-1.0 for SDXL: it needs tokenizer/ and tokenizer_2/)")
-
-
-def hub_snapshot(repo_id, patterns):
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id, allow_patterns=patterns)
-    except Exception as e:
-        raise FileNotFoundError(f"{repo_id}: not a local path, and downloading it from the hub failed "
-                                f"({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def is_hub_id(path):

@@ -236,6 +236,12 @@ def lr_at(s, base):
     return base * min(1.0, (s + 1) / warmup)
 
 
+def mixed_fakes(j, n):
+    """Mix-and-match fakes in micro-steps 0..j-1 of n samples each: a fractional share spreads over micro-steps
+    (0.25 of 2 gives 0, 1, 0, 1, ...) instead of rounding to none; rounded to 6 places so whole shares stay exact."""
+    return math.floor(round(j * mix_match * n, 6))
+
+
 def save_checkpoint():
     """Everything needed to resume, written to a temporary name and renamed: a crash never leaves a half file.
     No RNG state is needed: every random draw of step s comes from a generator seeded by (seed, s, rank)."""
@@ -263,11 +269,9 @@ else:
                     "an astronaut riding a horse", "a lighthouse at sunset", "a watercolor painting of a forest",
                     "a portrait of an old man", "a city skyline at night"]
 grid_z = seeded_noise(range(10**6, 10**6 + len(grid_prompts)), data.shape, device)
-grid_cond, grid_uncond = T.conditions(grid_prompts, data.index["settings"]["resolution"],
-                                      data.index["settings"]["resolution"])
-grid_teacher = None
-if master:  # the teacher's side of every grid, once (the pairs' sampler)
+if master:  # the prompts' conditions and the teacher's side of every grid, once (the pairs' sampler)
     s = data.index["settings"]
+    grid_cond, grid_uncond = T.conditions(grid_prompts, s["resolution"], s["resolution"])
     with torch.no_grad():
         grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, s["steps"], s["guidance"], s["spacing"]))
 T.unet.to("cpu")  # G and D are copies: the teacher UNet is not needed on the GPU again (3.4 GB for SD1.5, 10 for SDXL)
@@ -345,8 +349,8 @@ while step < max_steps:
                                            interval=r1_interval, logits=r1_logits)
                 scaler.scale(r1).backward()  # once per step, not per micro-step: no 1 / grad_accum
                 step_terms["r1"] = r1.detach()
-            mixed = lambda j: math.floor(round(j * mix_match * len(x), 6))  # mixed fakes in micro-steps 0..j-1:
-            k = mixed(step * grad_accum + m + 1) - mixed(step * grad_accum + m)  # 0.25 of 2 gives 0, 1, 0, 1, ...
+            j = step * grad_accum + m
+            k = mixed_fakes(j + 1, len(x)) - mixed_fakes(j, len(x))
             shift = lambda v: v.roll(1, 0)[:k]  # sample i gets sample i-1's noise and prompt
             cat = lambda a, b: torch.cat([a, a, b]) if a is not None else None
             d_cond = {key: cat(v, shift(v) if v is not None else None) for key, v in cond.items()}
