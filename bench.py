@@ -1,40 +1,52 @@
 """
-Speed benchmarks, one section per --what. Compare numbers only within one run on one machine.
+Speed benchmarks, one section per --what (several, comma-separated, share one process and one compiled UNet).
+Compare numbers only within one run on one machine.
 
     python bench.py --what=elpips                  # E-LatentLPIPS forward+backward, batch 8, 4x64x64 latents
     python bench.py --what=elpips --compile=True --batch=32
     python bench.py --what=elpips --augment=''    # plain LatentLPIPS, no augmentation
-    python bench.py --what=onestep --compile=True --batch=32  # text + UNet + VAE decode at 512 px, batch 1; UNet b32
-    python bench.py --what=pairs --compile=True --batch=32  # DDIM-50 + CFG 3 pairs/s at SD1.5 size
+    python bench.py --what=onestep,pairs --compile=True --batch=16  # text + UNet + VAE decode at 512 px, batch 1;
+                                                   # the UNet at batch 2x16; DDIM-50 + CFG 3 pairs/s at batch 16
+    python bench.py --what=train --batch=8         # train.py's step at SD1.5 size: img/s, MFU, peak memory
     python bench.py --what=onestep --unet=tiny-sd1 --vae=tiny   # any section on tiny models: try it on a CPU
 
-onestep and pairs use random weights of the SD1.5 shapes (model.py presets and a CLIP-L text tower), cast to the
-dtype as an inference user would, so they compare with ../shared/bench/peer_baseline.py and peer_tuned.py (the
-design card's targets: one step at most 0.5x diffusers' time, pairs at least 1.3x its pairs/s).
+onestep, pairs and train use random weights of the SD1.5 shapes (model.py presets and a CLIP-L text tower).
+onestep and pairs cast them to the dtype as an inference user would, so they compare with the diffusers peer
+scripts of ../shared/bench (the design card's targets: one step at most 0.5x diffusers' time, pairs at least 1.3x
+its pairs/s). train repeats train.py's step with its defaults (fp32 master weights, autocast, D on 2B + mix-and-
+match fakes, E-LatentLPIPS, G's adversarial term, grad clipping, EMA; R1 timed apart and amortised over its
+interval); its FLOPs are counted once by torch's FLOP counter and MFU divides by --peak_tflops.
 
 Runs on cuda if there is one (bf16 autocast), else on the CPU (fp32). Reference points, from other machines:
 the paper's 12.1 ms per iteration for E-LatentLPIPS on an A100 (Kang et al. 2024, Sec. 3.2), and the official
 elatentlpips package on an H200 in its PyTorch path: 19.5 ms fp32, 16.7 ms bf16 at batch 8.
 """
+import copy
 import time
 
 import torch
 
 # knobs (configurator.py: --key=value)
-what = 'elpips'  # which section to run: elpips, onestep, pairs
-batch = 8  # batch size (onestep: the UNet's second batch size, after 1)
-unet = 'sd15'  # onestep, pairs: model.py UNet preset
+what = 'elpips'  # sections, comma-separated: elpips, onestep, pairs, train
+batch = 8  # batch size (onestep: the UNet's second batch is 2x this, a CFG batch; pairs: images per DDIM run)
+unet = 'sd15'  # onestep, pairs, train: model.py UNet preset
 vae = 'sd'  # onestep: model.py VAE preset
 steps = 50  # pairs: DDIM steps (guidance 3)
-size = 64  # latent side: 64 is SD1.5 at 512 px
-augment = 'bg'  # augmentation preset of losses.augment_pair, '' for none
+size = 64  # elpips: latent side (64 is SD1.5 at 512 px; the other sections use the UNet preset's)
+augment = 'bg'  # elpips, train: augmentation preset of losses.augment_pair, '' for none
+r1_interval = 16  # train: R1's cost is divided by this (train.py's default)
+peak_tflops = 989.0  # train: the GPU's dense bf16 peak for MFU (989: H100 SXM and H200)
 dtype = ''  # 'float32' or 'bfloat16'; default bfloat16 on cuda, float32 on cpu
-compile = False  # torch.compile the module under test
+compile = False  # torch.compile the modules under test (static shapes: one graph per batch size)
+mode = 'default'  # torch.compile mode: default | reduce-overhead (CUDA graphs, for batch-1 latency) | max-autotune
 warmup = 3  # untimed iterations first (compilation happens here)
 iters = 10  # timed iterations
 from configurator import configure  # noqa: E402
 
 configure(globals())
+sections = what.split(',')
+if unknown := [s for s in sections if s not in ('elpips', 'onestep', 'pairs', 'train')]:
+    raise SystemExit(f"--what={what!r}: unknown section(s) {unknown}; the sections are: elpips, onestep, pairs, train")
 
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = getattr(torch, dtype or ('bfloat16' if device == 'cuda' else 'float32'))
@@ -42,6 +54,9 @@ ctx = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 torch.manual_seed(0)
+compiled = lambda m: torch.compile(m, dynamic=False, mode=mode) if compile else m  # noqa: E731
+run = f"{device} {str(dtype).removeprefix('torch.')} | compile {compile}" + (f" ({mode})" if compile else "")
+
 
 def timed(step):
     """Milliseconds per call of step(), after warmup, with the GPU's queue drained at both ends."""
@@ -56,11 +71,22 @@ def timed(step):
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters * 1000
 
+
+def text_tower(width):
+    """A random CLIP text tower of the width the UNet's cross-attention reads: CLIP-L (12 layers) for SD1,
+    OpenCLIP-H's 23 used layers for SD2, 2 layers for the tiny presets."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    layers, heads = {768: (12, 12), 1024: (23, 16)}.get(width, (2, 2))
+    return CLIPTextModel(CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, max_position_embeddings=77,
+                                       num_hidden_layers=layers, num_attention_heads=heads, projection_dim=width,
+                                       hidden_act='quick_gelu')).to(device).eval().requires_grad_(False)
+
+
 # -----------------------------------------------------------------------------
-if what == 'elpips':
+if 'elpips' in sections:
     from losses import LatentLPIPS
     lpips = LatentLPIPS().to(device)  # the full-width trunk; random weights time the same as the official ones
-    loss_fn = torch.compile(lpips) if compile else lpips
+    loss_fn = compiled(lpips)
     # as in training: the student's latents need a gradient, the teacher's target does not
     x_hat = torch.randn(batch, 4, size, size, device=device, requires_grad=True)
     x = torch.randn(batch, 4, size, size, device=device)
@@ -71,42 +97,36 @@ if what == 'elpips':
         loss.backward()
         x_hat.grad = None
 
-    ms = timed(step)
-    print(f"E-LatentLPIPS fwd+bwd | augment {augment or 'none'} | batch {batch} | 4x{size}x{size}"
-          f" | {device} {str(dtype).removeprefix('torch.')} | compile {compile} | {ms:.1f} ms")
-elif what in ('onestep', 'pairs'):
+    print(f"E-LatentLPIPS fwd+bwd | augment {augment or 'none'} | batch {batch} | 4x{size}x{size} | {run}"
+          f" | {timed(step):.1f} ms")
+
+if 'onestep' in sections or 'pairs' in sections:
     import model
     from teacher import ddim_sample, make_alphas_cumprod
-    from transformers import CLIPTextConfig, CLIPTextModel
     cfg = model.UNET_PRESETS[unet]
     if cfg.add_in_dim:
         raise SystemExit(f"--unet={unet}: onestep and pairs time SD1/SD2-shaped UNets (no SDXL pooled text yet)")
-    g = model.UNet(cfg).to(device, dtype).eval().requires_grad_(False)
-    n = cfg.sample_size
-    width = cfg.context_dim  # CLIP-L for SD1 (12 layers), OpenCLIP-H's 23 used layers for SD2; tiny presets: 2
-    layers, heads = {768: (12, 12), 1024: (23, 16)}.get(width, (2, 2))
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, max_position_embeddings=77,
-                                        num_hidden_layers=layers, num_attention_heads=heads, projection_dim=width,
-                                        hidden_act='quick_gelu'))
-    text = text.to(device, dtype).eval().requires_grad_(False)
-    net = torch.compile(g) if compile else g
-    run = f"{unet} | {device} {str(dtype).removeprefix('torch.')} | compile {compile}"
+    with torch.device(device):
+        g = model.UNet(cfg).to(dtype).eval().requires_grad_(False)
+    text = text_tower(cfg.context_dim).to(dtype)
+    net, n, tag = compiled(g), cfg.sample_size, f"{unet} | {run}"
     with torch.no_grad():
-        if what == 'onestep':
-            v = model.VAE(model.VAE_PRESETS[vae]).to(device, dtype).eval().requires_grad_(False)
-            decode = torch.compile(v.decode) if compile else v.decode
+        if 'onestep' in sections:
+            with torch.device(device):
+                v = model.VAE(model.VAE_PRESETS[vae]).to(dtype).eval().requires_grad_(False)
+            decode = compiled(v.decode)
             ids = torch.randint(0, 49408, (1, 77), device=device)
             t = torch.tensor(999, device=device)
-            for b in (1, batch):
+            for b in (1, 2 * batch):
                 x = torch.randn(b, cfg.in_channels, n, n, device=device, dtype=dtype)
-                c = torch.randn(b, 77, width, device=device, dtype=dtype)
-                print(f"UNet forward | batch {b} | {n}x{n} latents | {run} | {timed(lambda: net(x, t, c)):.1f} ms")
+                c = torch.randn(b, 77, cfg.context_dim, device=device, dtype=dtype)
+                print(f"UNet forward | batch {b} | {n}x{n} latents | {tag} | {timed(lambda: net(x, t, c)):.1f} ms")
             z = torch.randn(1, cfg.in_channels, n, n, device=device, dtype=dtype)
-            print(f"VAE decode | batch 1 | {run} | {timed(lambda: decode(z)):.1f} ms")
-            print(f"text encoder | batch 1 | {run} | {timed(lambda: text(ids).last_hidden_state):.1f} ms")
+            print(f"VAE decode | batch 1 | {tag} | {timed(lambda: decode(z)):.1f} ms")
+            print(f"text encoder (never compiled) | batch 1 | {tag} | {timed(lambda: text(ids).last_hidden_state):.1f} ms")
             one = lambda: decode(net(z, t, text(ids).last_hidden_state))  # noqa: E731 (x0 conversion: negligible)
-            print(f"one-step text-to-image (text + UNet + VAE decode) | batch 1 | {run} | {timed(one):.1f} ms")
-        else:
+            print(f"one-step text-to-image (text + UNet + VAE decode) | batch 1 | {tag} | {timed(one):.1f} ms")
+        if 'pairs' in sections:
             ac = make_alphas_cumprod()
             ids = torch.randint(0, 49408, (batch, 77), device=device)
             z = torch.randn(batch, cfg.in_channels, n, n, device=device)
@@ -116,7 +136,84 @@ elif what in ('onestep', 'pairs'):
                 return ddim_sample(net, z, {'context': c}, {'context': torch.zeros_like(c)}, steps, 3.0,
                                    alphas_cumprod=ac)
             ms = timed(pairs)
-            print(f"pairs, DDIM {steps} + CFG 3 | batch {batch} | {n}x{n} latents | {run} | {ms:.0f} ms per batch | "
+            print(f"pairs, DDIM {steps} + CFG 3 | batch {batch} | {n}x{n} latents | {tag} | {ms:.0f} ms per batch | "
                   f"{batch / ms * 1000:.2f} pairs/s")
-else:
-    raise SystemExit(f"--what={what!r}: the sections are: elpips, onestep, pairs")
+
+if 'train' in sections:
+    # train.py's step with its defaults, on random modules of the preset's shapes (grad_accum 1, one process)
+    import model
+    from discriminator import Discriminator
+    from losses import LatentLPIPS, gan_loss_d, gan_loss_g, r1_penalty
+    from sample import one_step
+    from teacher import make_alphas_cumprod
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = model.UNET_PRESETS[unet]
+    if cfg.add_in_dim:
+        raise SystemExit(f"--unet={unet}: train times SD1/SD2-shaped UNets (no SDXL pooled text yet)")
+    with torch.device(device):
+        raw_G = model.UNet(cfg).train()  # fp32 master weights, as train.py (the teacher's copy)
+        raw_D = Discriminator(raw_G).train()  # teacher-initialised, z-conditioned, multiscale in and out
+        lpips = LatentLPIPS()  # full width, frozen
+    ema = copy.deepcopy(raw_G).eval().requires_grad_(False)
+    text = text_tower(cfg.context_dim)
+    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=(0.0, 0.99))
+    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=(0.0, 0.99))
+    abar, n, B, k = make_alphas_cumprod().to(device), cfg.sample_size, batch, round(0.25 * batch)
+    z = torch.randn(B, cfg.in_channels, n, n, device=device)
+    x = torch.randn(B, cfg.in_channels, n, n, device=device)
+    ids = torch.randint(0, 49408, (B, 77), device=device)
+
+    def train_step():
+        with torch.no_grad():
+            c = text(ids).last_hidden_state
+        x_hat = one_step(G, z, {'context': c}, abar, 'epsilon', 999, 'teacher', ctx)
+        raw_D.requires_grad_(True)  # D step: reals, G's fakes, and k mix-and-match fakes
+        with ctx:
+            logits = D(torch.cat([x, x_hat.detach(), x[:k]]), torch.cat([z, z, z.roll(1, 0)[:k]]),
+                       torch.cat([c, c, c.roll(1, 0)[:k]]))
+        gan_loss_d([l[:B] for l in logits], [l[B:] for l in logits]).backward()
+        raw_D.requires_grad_(False)  # G step: E-LatentLPIPS + the adversarial term through the frozen D
+        with ctx:
+            loss_g = lpips(x_hat, x, augment=augment or None).mean() + 0.1 * gan_loss_g(D(x_hat, z, c))
+        loss_g.backward()
+        for opt, net in ((opt_g, raw_G), (opt_d, raw_D)):
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(raw_G.parameters()), 0.01)
+
+    def r1_step():  # train.py's lazy R1: one real sample, the uncompiled D, math attention (double backward)
+        raw_D.requires_grad_(True)
+        with torch.no_grad():
+            c = text(ids[:1]).last_hidden_state
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            r1_penalty(lambda xx: raw_D(xx, z[:1], c), x[:1], interval=r1_interval).backward()
+        raw_D.requires_grad_(False)
+        opt_d.zero_grad(set_to_none=True)
+
+    x_leaf = x.clone().requires_grad_(True)
+
+    def lpips_step():  # the regression loss's own share: forward + backward to the student's latents
+        with ctx:
+            lpips(x_leaf, x, augment=augment or None).mean().backward()
+        x_leaf.grad = None
+
+    G, D = raw_G, raw_D  # the FLOPs a step asks for, counted once on the uncompiled modules
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    flops = counter.get_total_flops()
+    G, D = compiled(raw_G), compiled(raw_D)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    ms = timed(train_step)
+    peak = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == 'cuda' else ""
+    ms_r1, ms_lpips = timed(r1_step), timed(lpips_step)
+    ms_all = ms + ms_r1 / r1_interval
+    tag = f"batch {B} | {n}x{n} latents | {unet} | {run}"
+    print(f"training step (G + D + E-LatentLPIPS), no R1 | {tag} | {ms:.1f} ms{peak}")
+    print(f"R1 step (1 sample, uncompiled D, math attention) | {tag} | {ms_r1:.1f} ms, 1/{r1_interval} of steps")
+    print(f"training step, R1 amortised | {tag} | {ms_all:.1f} ms | {B / ms_all * 1000:.1f} img/s | "
+          f"{flops / 1e12:.2f} TFLOP per step (no R1) | MFU {flops / (ms / 1000) / (peak_tflops * 1e12):.1%} "
+          f"of {peak_tflops:.0f} TFLOP/s")
+    print(f"E-LatentLPIPS fwd+bwd alone | {tag} | {ms_lpips:.1f} ms | {ms_lpips / ms_all:.1%} of the step")

@@ -69,7 +69,7 @@ ema_warmup = False  # decay min(ema_decay, 1 - 9/(10+step)), ~the last 1/9 of th
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
-compile = torch.cuda.is_available()  # torch.compile G and D (the uncompiled modules are kept for saving and R1)
+compile = False  # torch.compile G and D (raw modules kept for saving and R1); costs minutes: on in config/sd15.py, sdxl.py
 seed = 0
 log_interval = 20
 sample_interval = 200  # a fixed-seed grid: student (EMA) beside teacher

@@ -19,3 +19,4 @@ log_interval = 50
 sample_interval = 1000
 ckpt_interval = 1000
 eval_samples = 0
+compile = True  # torch.compile G and D: minutes of compiling at the start, repaid over a long run (not yet measured)

@@ -12,10 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("argv,lines", [
     (["--what=elpips", "--batch=2", "--size=8"], [r"E-LatentLPIPS fwd\+bwd \| augment bg \| batch 2 \| 4x8x8"]),
-    (["--what=onestep", "--unet=tiny-sd1", "--vae=tiny", "--batch=2"],
-     [r"UNet forward \| batch 1 \| 16x16", r"UNet forward \| batch 2 \| 16x16", r"VAE decode \| batch 1",
-      r"text encoder \| batch 1", r"one-step text-to-image \(text \+ UNet \+ VAE decode\) \| batch 1"]),
-    (["--what=pairs", "--unet=tiny-sd1", "--steps=2", "--batch=2"], [r"pairs, DDIM 2 \+ CFG 3 \| batch 2 .* pairs/s"]),
+    (["--what=onestep,pairs", "--unet=tiny-sd1", "--vae=tiny", "--batch=2", "--steps=2"],
+     [r"UNet forward \| batch 1 \| 16x16", r"UNet forward \| batch 4 \| 16x16", r"VAE decode \| batch 1",
+      r"text encoder \(never compiled\) \| batch 1", r"one-step text-to-image \(text \+ UNet \+ VAE decode\) \| batch 1",
+      r"pairs, DDIM 2 \+ CFG 3 \| batch 2 .* pairs/s"]),
+    (["--what=train", "--unet=tiny-sd1", "--batch=4", "--augment=bg"],
+     [r"training step \(G \+ D \+ E-LatentLPIPS\), no R1 \| batch 4 \| 16x16", r"R1 step .* 1/16 of steps",
+      r"training step, R1 amortised .* img/s \| \d+\.\d+ TFLOP per step .* MFU",
+      r"E-LatentLPIPS fwd\+bwd alone \| batch 4 .* of the step"]),
 ])
 def test_sections_run_on_tiny_models(argv, lines):
     r = subprocess.run([sys.executable, "bench.py", *argv, "--warmup=0", "--iters=1"], cwd=ROOT, capture_output=True,

@@ -35,7 +35,8 @@ def test_errors(argv, msg):
         configure(knobs(), argv)
 
 
-@pytest.mark.parametrize("argv,msg", [(["bench.py", "--what=lpips"], "--what='lpips': the sections are: elpips,"),
+@pytest.mark.parametrize("argv,msg", [(["bench.py", "--what=onestep,lpips"],
+                                       "unknown section(s) ['lpips']; the sections are: elpips,"),
                                       (["-m", "toy.build", "--stage=vae,teachr"], "unknown teachr (stages: all,")])
 def test_scripts_refuse_unknown_choices(argv, msg):
     import os

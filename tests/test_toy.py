@@ -47,6 +47,13 @@ def test_n_objects_is_forced():
     assert 50 < (labels[:, shapes.LABELS.index("shape2")] != shapes.NONE).sum() < 150
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU tensor needs a GPU (this failed on the H200)")
+def test_to_pil_takes_gpu_bf16_tensors():
+    x, _, _ = shapes.make_batch(range(4))
+    grid = shapes.to_pil(x.cuda().bfloat16().requires_grad_(), nrow=2)  # what train.py's sample grid passes on a GPU
+    assert np.array_equal(np.asarray(grid), np.asarray(shapes.to_pil(x.bfloat16(), nrow=2)))
+
+
 def parse(caption):
     """An independent reading of a caption back into the 9 labels."""
     obj = r"a (\w+) (\w+) (\w+) (on the left|in the center|on the right)"

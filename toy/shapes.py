@@ -110,7 +110,7 @@ def make_batch(seeds, n_objects=None):
 
 def to_pil(images, nrow=8):
     """A grid image of [N,3,H,W] floats in [-1,1] (data, VAE output or generator samples)."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte()
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()  # any device and dtype
     x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=64)  # a thin frame, so that tiles do not merge
     n, c, h, w = x.shape
     ncol = (n + nrow - 1) // nrow
