@@ -123,7 +123,8 @@ if 'onestep' in sections or 'pairs' in sections:
                 print(f"UNet forward | batch {b} | {n}x{n} latents | {tag} | {timed(lambda: net(x, t, c)):.1f} ms")
             z = torch.randn(1, cfg.in_channels, n, n, device=device, dtype=dtype)
             print(f"VAE decode | batch 1 | {tag} | {timed(lambda: decode(z)):.1f} ms")
-            print(f"text encoder (never compiled) | batch 1 | {tag} | {timed(lambda: text(ids).last_hidden_state):.1f} ms")
+            ms = timed(lambda: text(ids).last_hidden_state)
+            print(f"text encoder (never compiled) | batch 1 | {tag} | {ms:.1f} ms")
             one = lambda: decode(net(z, t, text(ids).last_hidden_state))  # noqa: E731 (x0 conversion: negligible)
             print(f"one-step text-to-image (text + UNet + VAE decode) | batch 1 | {tag} | {timed(one):.1f} ms")
         if 'pairs' in sections:
@@ -156,8 +157,8 @@ if 'train' in sections:
         lpips = LatentLPIPS()  # full width, frozen
     ema = copy.deepcopy(raw_G).eval().requires_grad_(False)
     text = text_tower(cfg.context_dim)
-    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=(0.0, 0.99))
-    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=(0.0, 0.99))
+    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=device == 'cuda')  # as train.py
+    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=device == 'cuda')
     abar, n, B, k = make_alphas_cumprod().to(device), cfg.sample_size, batch, round(0.25 * batch)
     z = torch.randn(B, cfg.in_channels, n, n, device=device)
     x = torch.randn(B, cfg.in_channels, n, n, device=device)
@@ -204,15 +205,24 @@ if 'train' in sections:
         train_step()
     flops = counter.get_total_flops()
     G, D = compiled(raw_G), compiled(raw_D)
-    if device == 'cuda':
+
+    def peak_memory():  # GiB since the last call (cuda only)
+        gib = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
+        return gib
+
+    if device == 'cuda':
+        peak_memory()
     ms = timed(train_step)
-    peak = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == 'cuda' else ""
-    ms_r1, ms_lpips = timed(r1_step), timed(lpips_step)
+    peak = f" | peak {peak_memory():.1f} GiB" if device == 'cuda' else ""
+    ms_r1 = timed(r1_step)
+    peak_r1 = f", peak {peak_memory():.1f} GiB" if device == 'cuda' else ""
+    ms_lpips = timed(lpips_step)
     ms_all = ms + ms_r1 / r1_interval
     tag = f"batch {B} | {n}x{n} latents | {unet} | {run}"
     print(f"training step (G + D + E-LatentLPIPS), no R1 | {tag} | {ms:.1f} ms{peak}")
-    print(f"R1 step (1 sample, uncompiled D, math attention) | {tag} | {ms_r1:.1f} ms, 1/{r1_interval} of steps")
+    print(f"R1 step (1 sample, uncompiled D, math attention) | {tag} | {ms_r1:.1f} ms{peak_r1}, "
+          f"1/{r1_interval} of steps")
     print(f"training step, R1 amortised | {tag} | {ms_all:.1f} ms | {B / ms_all * 1000:.1f} img/s | "
           f"{flops / 1e12:.2f} TFLOP per step (no R1) | MFU {flops / (ms / 1000) / (peak_tflops * 1e12):.1%} "
           f"of {peak_tflops:.0f} TFLOP/s")
