@@ -39,6 +39,7 @@ peak_tflops = 989.0  # train: the GPU's dense bf16 peak for MFU (989: H100 SXM a
 dtype = ''  # 'float32' or 'bfloat16'; default bfloat16 on cuda, float32 on cpu
 compile = False  # torch.compile the modules under test (static shapes: one graph per batch size)
 mode = 'default'  # torch.compile mode: default | reduce-overhead (CUDA graphs, for batch-1 latency) | max-autotune
+channels_last = False  # onestep, pairs: weights and latents in channels_last memory format (the diffusers peer's)
 warmup = 3  # untimed iterations first (compilation happens here)
 iters = 10  # timed iterations
 from configurator import configure  # noqa: E402
@@ -106,22 +107,23 @@ if 'onestep' in sections or 'pairs' in sections:
     cfg = model.UNET_PRESETS[unet]
     if cfg.add_in_dim:
         raise SystemExit(f"--unet={unet}: onestep and pairs time SD1/SD2-shaped UNets (no SDXL pooled text yet)")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.device(device):
-        g = model.UNet(cfg).to(dtype).eval().requires_grad_(False)
+        g = model.UNet(cfg).to(dtype).eval().requires_grad_(False).to(memory_format=fmt)
     text = text_tower(cfg.context_dim).to(dtype)
-    net, n, tag = compiled(g), cfg.sample_size, f"{unet} | {run}"
+    net, n, tag = compiled(g), cfg.sample_size, f"{unet} | {run}" + (" | channels_last" if channels_last else "")
     with torch.no_grad():
         if 'onestep' in sections:
             with torch.device(device):
-                v = model.VAE(model.VAE_PRESETS[vae]).to(dtype).eval().requires_grad_(False)
+                v = model.VAE(model.VAE_PRESETS[vae]).to(dtype).eval().requires_grad_(False).to(memory_format=fmt)
             decode = compiled(v.decode)
             ids = torch.randint(0, 49408, (1, 77), device=device)
             t = torch.tensor(999, device=device)
             for b in (1, 2 * batch):
-                x = torch.randn(b, cfg.in_channels, n, n, device=device, dtype=dtype)
+                x = torch.randn(b, cfg.in_channels, n, n, device=device, dtype=dtype).to(memory_format=fmt)
                 c = torch.randn(b, 77, cfg.context_dim, device=device, dtype=dtype)
                 print(f"UNet forward | batch {b} | {n}x{n} latents | {tag} | {timed(lambda: net(x, t, c)):.1f} ms")
-            z = torch.randn(1, cfg.in_channels, n, n, device=device, dtype=dtype)
+            z = torch.randn(1, cfg.in_channels, n, n, device=device, dtype=dtype).to(memory_format=fmt)
             print(f"VAE decode | batch 1 | {tag} | {timed(lambda: decode(z)):.1f} ms")
             ms = timed(lambda: text(ids).last_hidden_state)
             print(f"text encoder (never compiled) | batch 1 | {tag} | {ms:.1f} ms")
