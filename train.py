@@ -190,7 +190,7 @@ elif regression == "pixel-lpips":
     lpips_net = lpips_from_file(pixel_vgg or TOY_PIXEL_VGG, latent=False).to(device)
 
 adamw = functools.partial(torch.optim.AdamW, betas=(beta1, beta2), weight_decay=weight_decay,
-                          fused=device.startswith("cuda"))  # fused: a few kernels per step for all weights, not a loop
+                          fused=device.startswith("cuda"))  # fused: one pass over the weights, foreach's ~10 passes
 opt_g = adamw(G.parameters(), lr=lr_g)
 opt_d = adamw(D.parameters(), lr=lr_d) if gan else None
 
