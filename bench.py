@@ -26,6 +26,8 @@ import time
 
 import torch
 
+import model
+
 # knobs (configurator.py: --key=value)
 what = 'elpips'  # sections, comma-separated: elpips, onestep, pairs, train
 batch = 8  # batch size (onestep: the UNet's second batch is 2x this, a CFG batch; pairs: images per DDIM run)
@@ -48,6 +50,10 @@ configure(globals())
 sections = what.split(',')
 if unknown := [s for s in sections if s not in ('elpips', 'onestep', 'pairs', 'train')]:
     raise SystemExit(f"--what={what!r}: unknown section(s) {unknown}; the sections are: elpips, onestep, pairs, train")
+cfg = model.UNET_PRESETS.get(unet)  # the UNet of onestep, pairs and train
+if cfg is None or cfg.add_in_dim:
+    sd12 = [k for k, c in model.UNET_PRESETS.items() if not c.add_in_dim]
+    raise SystemExit(f"--unet={unet!r}: the sections time SD1/SD2-shaped model.py presets: {', '.join(sd12)}")
 
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = getattr(torch, dtype or ('bfloat16' if device == 'cuda' else 'float32'))
@@ -102,11 +108,7 @@ if 'elpips' in sections:
           f" | {timed(step):.1f} ms")
 
 if 'onestep' in sections or 'pairs' in sections:
-    import model
     from teacher import ddim_sample, make_alphas_cumprod
-    cfg = model.UNET_PRESETS[unet]
-    if cfg.add_in_dim:
-        raise SystemExit(f"--unet={unet}: onestep and pairs time SD1/SD2-shaped UNets (no SDXL pooled text yet)")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.device(device):
         g = model.UNet(cfg).to(dtype).eval().requires_grad_(False).to(memory_format=fmt)
@@ -144,15 +146,11 @@ if 'onestep' in sections or 'pairs' in sections:
 
 if 'train' in sections:
     # train.py's step with its defaults, on random modules of the preset's shapes (grad_accum 1, one process)
-    import model
     from discriminator import Discriminator
     from losses import LatentLPIPS, gan_loss_d, gan_loss_g, r1_penalty
     from sample import one_step
     from teacher import make_alphas_cumprod
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = model.UNET_PRESETS[unet]
-    if cfg.add_in_dim:
-        raise SystemExit(f"--unet={unet}: train times SD1/SD2-shaped UNets (no SDXL pooled text yet)")
     with torch.device(device):
         raw_G = model.UNet(cfg).train()  # fp32 master weights, as train.py (the teacher's copy)
         raw_D = Discriminator(raw_G).train()  # teacher-initialised, z-conditioned, multiscale in and out
@@ -165,6 +163,8 @@ if 'train' in sections:
     z = torch.randn(B, cfg.in_channels, n, n, device=device)
     x = torch.randn(B, cfg.in_channels, n, n, device=device)
     ids = torch.randint(0, 49408, (B, 77), device=device)
+    with torch.no_grad():
+        c1 = text(ids[:1]).last_hidden_state  # R1's prompt: train.py reuses the step's, so R1 encodes no text
 
     def train_step():
         with torch.no_grad():
@@ -188,10 +188,8 @@ if 'train' in sections:
 
     def r1_step():  # train.py's lazy R1: one real sample, the uncompiled D, math attention (double backward)
         raw_D.requires_grad_(True)
-        with torch.no_grad():
-            c = text(ids[:1]).last_hidden_state
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            r1_penalty(lambda xx: raw_D(xx, z[:1], c), x[:1], interval=r1_interval).backward()
+            r1_penalty(lambda xx: raw_D(xx, z[:1], c1), x[:1], interval=r1_interval).backward()
         raw_D.requires_grad_(False)
         opt_d.zero_grad(set_to_none=True)
 
