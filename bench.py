@@ -42,6 +42,7 @@ dtype = ''  # 'float32' or 'bfloat16'; default bfloat16 on cuda, float32 on cpu
 compile = False  # torch.compile the modules under test (static shapes: one graph per batch size)
 mode = 'default'  # torch.compile mode: default | reduce-overhead (CUDA graphs, for batch-1 latency) | max-autotune
 channels_last = False  # onestep, pairs: weights and latents in channels_last memory format (the diffusers peer's)
+compile_text = False  # onestep: torch.compile the text tower too (with --compile=True; its batch-1 call is launches)
 warmup = 3  # untimed iterations first (compilation happens here)
 iters = 10  # timed iterations
 from configurator import configure  # noqa: E402
@@ -127,9 +128,11 @@ if 'onestep' in sections or 'pairs' in sections:
                 print(f"UNet forward | batch {b} | {n}x{n} latents | {tag} | {timed(lambda: net(x, t, c)):.1f} ms")
             z = torch.randn(1, cfg.in_channels, n, n, device=device, dtype=dtype).to(memory_format=fmt)
             print(f"VAE decode | batch 1 | {tag} | {timed(lambda: decode(z)):.1f} ms")
-            ms = timed(lambda: text(ids).last_hidden_state)
-            print(f"text encoder (never compiled) | batch 1 | {tag} | {ms:.1f} ms")
-            one = lambda: decode(net(z, t, text(ids).last_hidden_state))  # noqa: E731 (x0 conversion: negligible)
+            encode = lambda ids: text(ids).last_hidden_state  # noqa: E731
+            encode = compiled(encode) if compile_text else encode
+            ms = timed(lambda: encode(ids))
+            print(f"text encoder ({'compiled' if compile and compile_text else 'eager'}) | batch 1 | {tag} | {ms:.1f} ms")
+            one = lambda: decode(net(z, t, encode(ids)))  # noqa: E731 (x0 conversion: negligible)
             print(f"one-step text-to-image (text + UNet + VAE decode) | batch 1 | {tag} | {timed(one):.1f} ms")
         if 'pairs' in sections:
             ac = make_alphas_cumprod()

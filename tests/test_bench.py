@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--what=elpips", "--batch=2", "--size=8"], [r"E-LatentLPIPS fwd\+bwd \| augment bg \| batch 2 \| 4x8x8"]),
     (["--what=onestep,pairs", "--unet=tiny-sd1", "--vae=tiny", "--batch=2", "--steps=2"],
      [r"UNet forward \| batch 1 \| 16x16", r"UNet forward \| batch 4 \| 16x16", r"VAE decode \| batch 1",
-      r"text encoder \(never compiled\) \| batch 1", r"one-step text-to-image \(text \+ UNet \+ VAE decode\) \| batch 1",
+      r"text encoder \(eager\) \| batch 1", r"one-step text-to-image \(text \+ UNet \+ VAE decode\) \| batch 1",
       r"pairs, DDIM 2 \+ CFG 3 \| batch 2 .* pairs/s"]),
     (["--what=pairs", "--unet=tiny-sd1", "--batch=2", "--steps=2", "--channels_last=True"],
      [r"pairs, DDIM 2 \+ CFG 3 \| batch 2 .* \| channels_last \| .* pairs/s"]),
