@@ -185,7 +185,8 @@ def test_coco_run_on_a_toy_teacher(tmp_path):
     """The whole --coco path (captions, generation, reference images, records) with an untrained toy teacher;
     metrics are left out (clean-fid and open_clip are optional and their weights cannot be fetched here)."""
     fake_coco(tmp_path / "coco")
-    r = run(["-m", "toy.build", f"--out_dir={tmp_path}/toy", "--stage=vae,teacher", "--vae_steps=0", "--teacher_steps=0"])
+    r = run(["-m", "toy.build", f"--out_dir={tmp_path}/toy", "--stage=vae,teacher", "--vae_steps=0", "--teacher_steps=1",
+             "--teacher_batch=4", "--caption_noise=0.5"])  # one step, through the caption-noise path too
     assert r.returncode == 0, r.stderr[-2000:]
     args = ["eval.py", "--coco=coco2014", f"--coco_dir={tmp_path}/coco", "--coco_n=5", f"--teacher={tmp_path}/toy/sd",
             "--teacher_steps=2", f"--out={tmp_path}/run", "--metrics=", "--batch_size=2"]

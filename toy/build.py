@@ -40,6 +40,7 @@ teacher_steps = 5000
 teacher_batch = 64
 teacher_lr = 1e-3
 caption_dropout = 0.1  # captions replaced by "" so that classifier-free guidance works, as in SD
+caption_noise = 0.0  # chance that each attribute word of a training caption names a wrong value (web-like captions)
 text_width = 64  # the tiny CLIP text tower: width, layers, heads, token positions
 text_layers = 2
 text_heads = 2
@@ -143,11 +144,14 @@ def train_teacher():
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=teacher_lr, weight_decay=0.01)
     abar = scaled_linear_alphas_cumprod()
+    noise_rng = torch.Generator().manual_seed(seed + 1)  # its own RNG: caption_noise=0 leaves the run bit-identical
     t0 = time.time()
-    for step, (x, caps, _) in zip(range(teacher_steps), batches(teacher_batch, step0=10**5)):
+    for step, (x, caps, labels) in zip(range(teacher_steps), batches(teacher_batch, step0=10**5)):
         cosine_lr(opt, teacher_lr, step, teacher_steps)
         with torch.no_grad():
             z0 = vae.encode(x)[0] * scale
+        if caption_noise:
+            caps = [shapes.caption(l) for l in shapes.noisy_labels(labels, caption_noise, noise_rng)]
         caps = ["" if torch.rand(()) < caption_dropout else c for c in caps]
         ids = tok(caps, padding="max_length", max_length=text_positions, truncation=True, return_tensors="pt").input_ids
         context = text(ids).last_hidden_state  # SD1.x conditioning: the last layer after the final LayerNorm

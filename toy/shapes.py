@@ -63,6 +63,24 @@ def caption(labels):
     return " and ".join(objects) + f" on a {name['background']} background"
 
 
+def noisy_labels(labels, p, generator=None):
+    """Web-like label noise for training captions: each attribute that a caption mentions (every non-"none" entry
+    of [N,9] labels, and the background) is replaced, with probability p, by a different value of the same
+    attribute. Real alt-text is often wrong; perfectly clean captions leave classifier-free guidance little to do."""
+    out = labels.clone()
+    for j, k in enumerate(LABELS):
+        n = len(CLASSES[k])
+        hit = torch.rand(labels.shape[0], generator=generator) < p
+        lo = 0 if k == "background" else 1  # slot attributes never turn into or out of "none": objects stay as drawn
+        if lo:
+            hit &= labels[:, j] != NONE
+        # a uniform draw from the other n - lo - 1 values: shift past the true one
+        other = torch.randint(lo, n - 1, (labels.shape[0],), generator=generator)
+        other = other + (other >= labels[:, j]).long()
+        out[:, j] = torch.where(hit, other, labels[:, j])
+    return out
+
+
 def _draw(draw, shape, colour, x0, y0, s):
     x1, y1 = x0 + s - 1, y0 + s - 1  # Pillow's boxes include the last pixel
     if shape == "circle":
