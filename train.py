@@ -211,7 +211,8 @@ if resume and os.path.exists(ckpt_path):
         print(f"resumed from {ckpt_path} at step {step}")
     del ckpt
 
-# compile first, then wrap in DDP; the raw modules stay for EMA, saving, and R1 (double backward)
+# compile first, then wrap in DDP; the raw modules stay for EMA, saving, and R1 (double backward). The compiled D
+# gets one graph for its own step and one for G's (raw_D.requires_grad_ below switches them; tests check it)
 raw_G, raw_D = G, D
 if compile:
     G = torch.compile(G)

@@ -73,3 +73,36 @@ def test_gradients_reach_x_z_and_every_head():
     assert x.grad.abs().sum() > 0
     assert D.z_conv.weight.grad.abs().sum() > 0 and all(c.weight.grad.abs().sum() > 0 for c in D.x_convs)
     assert all(h[2].weight.grad is not None for hs in D.heads for h in hs)
+
+
+def test_compiled_d_follows_the_requires_grad_toggle():
+    """train.py compiles D and flips its parameters' requires_grad between D's step (D learns) and G's step (D is a
+    frozen critic). The compiled D must run the graph that matches each time: reusing the frozen one in D's step
+    would leave D without gradients, silently (pytorch/pytorch#139476, fixed in dynamo's guards in 2026). Checked
+    with train.py's inputs, and with only the parameters' flag changing. aot_eager: dynamo's guards and AOTAutograd's
+    choice of gradients, without the minutes of inductor codegen."""
+    T = teacher()
+    D = Discriminator(T).train()
+    with torch.no_grad():  # heads start at zero: give every parameter a gradient path
+        for p in D.parameters():
+            if p.abs().sum() == 0 and p.dim() == 4:
+                p.normal_(0, 0.1)
+    x, z, ctx, _ = inputs(T.cfg, b=3)
+    compiled = torch.compile(D, backend="aot_eager")
+
+    def grads(net, b, x_grad, trainable):  # which parameters get a gradient, and whether x does
+        D.requires_grad_(trainable)
+        x_in = x[:b].detach().clone().requires_grad_(x_grad)
+        sum(o.mean() for o in net(x_in, z[:b], ctx[:b])).backward()
+        got = {n for n, p in D.named_parameters() if p.grad is not None}
+        D.zero_grad(set_to_none=True)
+        return got, x_in.grad is not None
+
+    want_d, want_g = grads(D, 3, False, True), grads(D, 2, True, False)  # eager: the reference
+    assert len(want_d[0]) > 100 and want_d[1] is False and want_g == (set(), True)
+    for _ in range(2):  # train.py's pattern: D's batch has no gradient, G's fakes do (and are fewer)
+        assert grads(compiled, 3, False, True) == want_d
+        assert grads(compiled, 2, True, False) == want_g
+    for _ in range(2):  # only the parameters' flag changes: the case of the dynamo bug
+        assert grads(compiled, 3, True, True) == (want_d[0], True)
+        assert grads(compiled, 3, True, False) == (set(), True)
