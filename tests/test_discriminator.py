@@ -78,7 +78,7 @@ def test_gradients_reach_x_z_and_every_head():
 def test_compiled_d_follows_the_requires_grad_toggle():
     """train.py compiles D and flips its parameters' requires_grad between D's step (D learns) and G's step (D is a
     frozen critic). The compiled D must run the graph that matches each time: reusing the frozen one in D's step
-    would leave D without gradients, silently (pytorch/pytorch#139476, fixed in dynamo's guards in 2026). Checked
+    would leave D without gradients, silently (pytorch/pytorch#139476 reports dynamo doing so). Checked
     with train.py's inputs, and with only the parameters' flag changing. aot_eager: dynamo's guards and AOTAutograd's
     choice of gradients, without the minutes of inductor codegen."""
     T = teacher()
