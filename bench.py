@@ -17,8 +17,8 @@ its pairs/s). train repeats train.py's step with its defaults (fp32 master weigh
 match fakes, E-LatentLPIPS, G's adversarial term, grad clipping, EMA; R1 timed apart and amortised over its
 interval); its FLOPs are counted once by torch's FLOP counter and MFU divides by --peak_tflops.
 
-Runs on cuda if there is one (bf16 autocast), else on the CPU (fp32). The README's Speed section has every section
-measured on an H200 beside the peers, with the commands; the paper gives 12.1 ms per iteration for E-LatentLPIPS on
+Runs on cuda if there is one (bf16 autocast), else on the CPU (fp32). The README's Speed section has the sections
+measured on an H200 and an H100 beside the peers, with the commands; the paper gives 12.1 ms per iteration for E-LatentLPIPS on
 an A100 (Kang et al. 2024, Sec. 3.2).
 """
 import copy

@@ -74,7 +74,7 @@ teacher_guidance = 3.0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False  # torch.compile the student (worth it on a GPU for many batches)
-compile_mode = "default"  # or "reduce-overhead": CUDA graphs, for small batches (bench.py: 2.5x faster UNet at batch 1)
+compile_mode = "default"  # or "reduce-overhead": CUDA graphs, for small launch-bound batches (README: Speed)
 export = ""  # instead of sampling: write the student (EMA) here as a diffusers UNet folder
 
 if __name__ == "__main__":

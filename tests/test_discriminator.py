@@ -22,6 +22,14 @@ def inputs(cfg, b=2):
     return x, z, ctx, extra
 
 
+def unzero(D):
+    """D's heads and new branches start at zero, which blocks gradients through them: give those convs a value."""
+    with torch.no_grad():
+        for p in D.parameters():
+            if p.abs().sum() == 0 and p.dim() == 4:
+                p.normal_(0, 0.1)
+
+
 @pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sdxl"])
 def test_step0_features_equal_teacher(name):
     """With z conditioning and multiscale input on, D's last decoder features equal the teacher UNet's at t_D."""
@@ -65,10 +73,7 @@ def test_gradients_reach_x_z_and_every_head():
     D = Discriminator(T)
     x, z, ctx, _ = inputs(T.cfg)
     x.requires_grad_(True)
-    with torch.no_grad():  # heads start at zero, which blocks the gradient to x: give them a value
-        for p in D.parameters():
-            if p.abs().sum() == 0 and p.dim() == 4:
-                p.normal_(0, 0.1)
+    unzero(D)
     sum(o.mean() for o in D(x, z, ctx)).backward()
     assert x.grad.abs().sum() > 0
     assert D.z_conv.weight.grad.abs().sum() > 0 and all(c.weight.grad.abs().sum() > 0 for c in D.x_convs)
@@ -83,10 +88,7 @@ def test_compiled_d_follows_the_requires_grad_toggle():
     choice of gradients, without the minutes of inductor codegen."""
     T = teacher()
     D = Discriminator(T).train()
-    with torch.no_grad():  # heads start at zero: give every parameter a gradient path
-        for p in D.parameters():
-            if p.abs().sum() == 0 and p.dim() == 4:
-                p.normal_(0, 0.1)
+    unzero(D)
     x, z, ctx, _ = inputs(T.cfg, b=3)
     compiled = torch.compile(D, backend="aot_eager")
 
