@@ -1,4 +1,5 @@
-"""The toy world's data and metrics: toy/shapes.py, toy/classifier.py and the math of eval.py."""
+"""The toy world's data and metrics: toy/shapes.py, toy/classifier.py, the math of eval.py, and what the committed
+toy models can do (issue #4's criteria, re-measured on fewer captions)."""
 import json
 import re
 
@@ -180,3 +181,39 @@ def test_toy_metrics_react():
     blurred = toy_metrics(classifier.blur(x, torch.full((500,), 2.0)), y, n_objects=1, n_ref=1000)
     wrong = toy_metrics(x, y.roll(1, 0), n_objects=1, n_ref=1000)
     assert real["acc"] >= 0.98 and blurred["fid"] > 3 * real["fid"] and wrong["acc"] < 0.5
+
+
+# -----------------------------------------------------------------------------
+# the committed VAE and teacher: issue #4's criteria, re-measured here on 200 captions (toy.build measures 500)
+
+
+@pytest.fixture(scope="module")
+def toy_teacher():
+    from pathlib import Path
+    from teacher import load_teacher
+    return load_teacher(str(Path(classifier.__file__).parent / "weights" / "sd"))
+
+
+def test_vae_keeps_the_attributes(model, toy_teacher):
+    x, _, y = shapes.make_batch(shapes.val_seeds(200), n_objects=1)
+    with torch.no_grad():
+        mean, _ = toy_teacher.vae.encode(x)
+        recon = toy_teacher.vae.decode(mean).clamp(-1, 1)
+    assert classifier.attribute_accuracy(model, recon, y) >= 0.90
+
+
+@pytest.mark.xfail(strict=True, reason="issue #4's open point: the committed teacher, trained on always-right "
+                   "captions, gains ~1 point from guidance (0.999 / 0.986); one trained with --caption_noise=0.05 "
+                   "passes (0.988 / 0.859), see the README's toy world")
+def test_guidance_makes_the_teacher_follow_its_captions(model, toy_teacher):
+    """DDIM 25 steps: guidance 3 reads at least 85% of 1-object caption attributes, 5 points more than guidance 1."""
+    from sample import seeded_noise
+    _, caps, y = shapes.make_batch(shapes.val_seeds(200), n_objects=1)
+    z = seeded_noise(range(2 * 10**6, 2 * 10**6 + 200), toy_teacher.latent_shape(), "cpu")
+    cond, uncond = toy_teacher.conditions(caps)
+    acc = {}
+    for w in (3.0, 1.0):
+        with torch.no_grad():
+            images = toy_teacher.decode(toy_teacher.sample(z, cond, uncond, steps=25, guidance=w))
+        acc[w] = classifier.attribute_accuracy(model, images, y)
+    assert acc[3.0] >= 0.85 and acc[3.0] - acc[1.0] >= 0.05, acc
