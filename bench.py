@@ -43,6 +43,7 @@ compile = False  # torch.compile the modules under test (static shapes: one grap
 mode = 'default'  # torch.compile mode: default | reduce-overhead (CUDA graphs, for batch-1 latency) | max-autotune
 channels_last = False  # onestep, pairs: weights and latents in channels_last memory format (the diffusers peer's)
 compile_text = False  # onestep: torch.compile the text tower too (with --compile=True; its batch-1 call is launches)
+fused_adamw = True  # train: fused AdamW on cuda, as train.py (False: PyTorch's default foreach, as run 1)
 warmup = 3  # untimed iterations first (compilation happens here)
 iters = 10  # timed iterations
 from configurator import configure  # noqa: E402
@@ -160,8 +161,8 @@ if 'train' in sections:
         lpips = LatentLPIPS()  # full width, frozen
     ema = copy.deepcopy(raw_G).eval().requires_grad_(False)
     text = text_tower(cfg.context_dim)
-    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=device == 'cuda')  # as train.py
-    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=device == 'cuda')
+    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=fused_adamw and device == 'cuda')
+    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=fused_adamw and device == 'cuda')
     abar, n, B, k = make_alphas_cumprod().to(device), cfg.sample_size, batch, round(0.25 * batch)
     z = torch.randn(B, cfg.in_channels, n, n, device=device)
     x = torch.randn(B, cfg.in_channels, n, n, device=device)
@@ -222,7 +223,8 @@ if 'train' in sections:
     peak_r1 = f", peak {peak_memory():.1f} GiB" if device == 'cuda' else ""
     ms_lpips = timed(lpips_step)
     ms_all = ms + ms_r1 / r1_interval
-    tag = f"batch {B} | {n}x{n} latents | {unet} | {run}"
+    adamw = "fused" if fused_adamw and device == 'cuda' else "foreach"
+    tag = f"batch {B} | {n}x{n} latents | {unet} | {run} | AdamW {adamw}"
     print(f"training step (G + D + E-LatentLPIPS), no R1 | {tag} | {ms:.1f} ms{peak}")
     print(f"R1 step (1 sample, uncompiled D, math attention) | {tag} | {ms_r1:.1f} ms{peak_r1}, "
           f"1/{r1_interval} of steps")
