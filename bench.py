@@ -18,8 +18,8 @@ match fakes, E-LatentLPIPS, G's adversarial term, grad clipping, EMA; R1 timed a
 interval); its FLOPs are counted once by torch's FLOP counter and MFU divides by --peak_tflops.
 
 Runs on cuda if there is one (bf16 autocast), else on the CPU (fp32). The README's Speed section has the sections
-measured on an H200 and an H100 beside the peers, with the commands; the paper gives 12.1 ms per iteration for E-LatentLPIPS on
-an A100 (Kang et al. 2024, Sec. 3.2).
+measured on an H200 and an H100 beside the peers, with the commands; the paper gives 12.1 ms per iteration for
+E-LatentLPIPS on an A100 (Kang et al. 2024, Sec. 3.2).
 """
 import copy
 import time
@@ -161,8 +161,9 @@ if 'train' in sections:
         lpips = LatentLPIPS()  # full width, frozen
     ema = copy.deepcopy(raw_G).eval().requires_grad_(False)
     text = text_tower(cfg.context_dim)
-    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=fused_adamw and device == 'cuda')
-    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=fused_adamw and device == 'cuda')
+    fused = fused_adamw and device == 'cuda'  # fused AdamW is CUDA-only here
+    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=fused)
+    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=fused)
     abar, n, B, k = make_alphas_cumprod().to(device), cfg.sample_size, batch, round(0.25 * batch)
     z = torch.randn(B, cfg.in_channels, n, n, device=device)
     x = torch.randn(B, cfg.in_channels, n, n, device=device)
@@ -223,8 +224,7 @@ if 'train' in sections:
     peak_r1 = f", peak {peak_memory():.1f} GiB" if device == 'cuda' else ""
     ms_lpips = timed(lpips_step)
     ms_all = ms + ms_r1 / r1_interval
-    adamw = "fused" if fused_adamw and device == 'cuda' else "foreach"
-    tag = f"batch {B} | {n}x{n} latents | {unet} | {run} | AdamW {adamw}"
+    tag = f"batch {B} | {n}x{n} latents | {unet} | {run} | AdamW {'fused' if fused else 'foreach'}"
     print(f"training step (G + D + E-LatentLPIPS), no R1 | {tag} | {ms:.1f} ms{peak}")
     print(f"R1 step (1 sample, uncompiled D, math attention) | {tag} | {ms_r1:.1f} ms{peak_r1}, "
           f"1/{r1_interval} of steps")

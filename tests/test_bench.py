@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--what=pairs", "--unet=tiny-sd1", "--batch=2", "--steps=2", "--channels_last=True"],
      [r"pairs, DDIM 2 \+ CFG 3 \| batch 2 .* \| channels_last \| .* pairs/s"]),
     (["--what=train", "--unet=tiny-sd1", "--batch=4", "--augment=bg"],
-     [r"training step \(G \+ D \+ E-LatentLPIPS\), no R1 \| batch 4 \| 16x16 .* \| AdamW foreach \|", r"R1 step .* 1/16 of steps",
+     [r"training step \(G \+ D \+ E-LatentLPIPS\), no R1 \| batch 4 \| 16x16 .* \| AdamW foreach \|",
+      r"R1 step .* 1/16 of steps",
       r"training step, R1 amortised .* img/s \| \d+\.\d+ TFLOP per step .* MFU",
       r"E-LatentLPIPS fwd\+bwd alone \| batch 4 .* of the step"]),
 ])

@@ -2,6 +2,7 @@
 toy models can do (issue #4's criteria, re-measured on fewer captions)."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,7 +190,6 @@ def test_toy_metrics_react():
 
 @pytest.fixture(scope="module")
 def toy_teacher():
-    from pathlib import Path
     from teacher import load_teacher
     return load_teacher(str(Path(classifier.__file__).parent / "weights" / "sd"))
 
