@@ -43,6 +43,7 @@ compile = False  # torch.compile the modules under test (static shapes: one grap
 mode = 'default'  # torch.compile mode: default | reduce-overhead (CUDA graphs, for batch-1 latency) | max-autotune
 channels_last = False  # onestep, pairs: weights and latents in channels_last memory format (the diffusers peer's)
 compile_text = False  # onestep: torch.compile the text tower too (with --compile=True; its batch-1 call is launches)
+betas = (0.9, 0.99)  # train: Adam's betas, train.py's defaults (they do not change the step's cost)
 fused_adamw = True  # train: fused AdamW on cuda, as train.py (False: PyTorch's default foreach, as run 1)
 warmup = 3  # untimed iterations first (compilation happens here)
 iters = 10  # timed iterations
@@ -162,8 +163,8 @@ if 'train' in sections:
     ema = copy.deepcopy(raw_G).eval().requires_grad_(False)
     text = text_tower(cfg.context_dim)
     fused = fused_adamw and device == 'cuda'  # fused AdamW is CUDA-only here
-    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=fused)
-    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=(0.0, 0.99), fused=fused)
+    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=betas, fused=fused)
+    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=betas, fused=fused)
     abar, n, B, k = make_alphas_cumprod().to(device), cfg.sample_size, batch, round(0.25 * batch)
     z = torch.randn(B, cfg.in_channels, n, n, device=device)
     x = torch.randn(B, cfg.in_channels, n, n, device=device)

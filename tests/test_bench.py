@@ -32,3 +32,16 @@ def test_sections_run_on_tiny_models(argv, lines):
     assert len(out) == len(lines), r.stdout
     for line, pattern in zip(out, lines):
         assert re.search(pattern, line) and re.search(r"\d+(\.\d+)? ms", line), line
+
+
+def test_train_section_uses_train_py_s_adam_betas():
+    """bench.py times train.py's step, so its AdamW betas are train.py's defaults (read from both files' knobs)."""
+    import ast
+
+    def knobs(name):
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name) and t.id in ("beta1", "beta2", "betas")}
+
+    train, bench = knobs("train.py"), knobs("bench.py")
+    assert bench["betas"] == (train["beta1"], train["beta2"])
