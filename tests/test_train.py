@@ -119,6 +119,20 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     assert ca["opt_g"]["state"].keys() == cb["opt_g"]["state"].keys()
 
 
+def test_resume_takes_the_command_s_adam_settings(world, tmp_path):
+    """A checkpoint's optimiser state keeps its moments, but the betas and weight decay are the resuming command's
+    (a changed default or a new --beta1 is not silently overridden by the checkpoint), and the change is printed."""
+    r = run(["train.py", *args(world, tmp_path, max_steps=1, beta1=0.0)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(["train.py", *args(world, tmp_path, max_steps=2, beta1=0.5)])
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    for name in ("G", "D"):
+        assert f"{name}'s Adam betas (0.0, 0.99)" in r.stdout and "(0.5, 0.99)" in r.stdout, r.stdout[-2000:]
+    ckpt = load(tmp_path)
+    for opt in ("opt_g", "opt_d"):
+        assert all(tuple(g["betas"]) == (0.5, 0.99) for g in ckpt[opt]["param_groups"]), opt
+
+
 def relative_differences(world, a, b):
     """{part: |a - b| / |a - start|} for G and D of two checkpoints, as whole-vector norms. Not an elementwise max:
     Adam turns rounding noise in near-zero gradients (D's head biases at step 1, where real and fake pull equally)
