@@ -205,7 +205,8 @@ if resume and os.path.exists(ckpt_path):
     if gan:
         D.load_state_dict(ckpt["D"])
         opt_d.load_state_dict(ckpt["opt_d"])
-    for name, opt in [("G", opt_g), ("D", opt_d)][:2 if gan else 1]:  # this command's Adam settings win, as lr does
+    optimisers = {"G": opt_g, "D": opt_d} if gan else {"G": opt_g}
+    for name, opt in optimisers.items():  # this command's Adam settings win over the checkpoint's, as lr does
         for group in opt.param_groups:
             if master and (tuple(group["betas"]), group["weight_decay"]) != ((beta1, beta2), weight_decay):
                 print(f"resume: {name}'s Adam betas {tuple(group['betas'])}, weight decay {group['weight_decay']} in "
