@@ -39,11 +39,13 @@ augment = 'bg'  # elpips, train: augmentation preset of losses.augment_pair, '' 
 r1_interval = 16  # train: R1's cost is divided by this (train.py's default)
 peak_tflops = 989.0  # train: the GPU's dense bf16 peak for MFU (989: H100 SXM and H200)
 dtype = ''  # 'float32' or 'bfloat16'; default bfloat16 on cuda, float32 on cpu
+dtype_g = ''  # train: G's autocast, as train.py's dtype_g; default float16 on cuda (with loss scaling), else dtype
 compile = False  # torch.compile the modules under test (static shapes: one graph per batch size)
 mode = 'default'  # torch.compile mode: default | reduce-overhead (CUDA graphs, for batch-1 latency) | max-autotune
 channels_last = False  # onestep, pairs: weights and latents in channels_last memory format (the diffusers peer's)
 compile_text = False  # onestep: torch.compile the text tower too (with --compile=True; its batch-1 call is launches)
-betas = (0.9, 0.99)  # train: Adam's betas, train.py's defaults (they do not change the step's cost)
+betas = (0.9, 0.99)  # train: G's Adam betas, train.py's defaults (they do not change the step's cost)
+betas_d = (0.0, 0.99)  # train: D's Adam betas, train.py's defaults
 fused_adamw = True  # train: fused AdamW on cuda, as train.py (False: PyTorch's default foreach, as run 1)
 warmup = 3  # untimed iterations first (compilation happens here)
 iters = 10  # timed iterations
@@ -61,6 +63,8 @@ if cfg is None or cfg.add_in_dim:
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = getattr(torch, dtype or ('bfloat16' if device == 'cuda' else 'float32'))
 ctx = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+dtype_g = getattr(torch, dtype_g or ('float16' if device == 'cuda' else str(dtype).removeprefix('torch.')))
+ctx_g = torch.autocast(device, dtype=dtype_g, enabled=dtype_g != torch.float32)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 torch.manual_seed(0)
@@ -153,7 +157,7 @@ if 'train' in sections:
     # train.py's step with its defaults, on random modules of the preset's shapes (grad_accum 1, one process)
     from discriminator import Discriminator
     from losses import LatentLPIPS, gan_loss_d, gan_loss_g, r1_penalty
-    from sample import one_step
+    from teacher import one_step
     from teacher import make_alphas_cumprod
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device(device):
@@ -164,7 +168,8 @@ if 'train' in sections:
     text = text_tower(cfg.context_dim)
     fused = fused_adamw and device == 'cuda'  # fused AdamW is CUDA-only here
     opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=betas, fused=fused)
-    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=betas, fused=fused)
+    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=betas_d, fused=fused)
+    scaler = torch.amp.GradScaler(device, enabled=torch.float16 in (dtype, dtype_g))
     abar, n, B, k = make_alphas_cumprod().to(device), cfg.sample_size, batch, round(0.25 * batch)
     z = torch.randn(B, cfg.in_channels, n, n, device=device)
     x = torch.randn(B, cfg.in_channels, n, n, device=device)
@@ -175,20 +180,22 @@ if 'train' in sections:
     def train_step():
         with torch.no_grad():
             c = text(ids).last_hidden_state
-        x_hat = one_step(G, z, {'context': c}, abar, 'epsilon', 999, 'teacher', ctx)
+        x_hat = one_step(G, z, {'context': c}, abar, 'epsilon', 999, 'teacher', ctx_g)
         raw_D.requires_grad_(True)  # D step: reals, G's fakes, and k mix-and-match fakes
         with ctx:
             logits = D(torch.cat([x, x_hat.detach(), x[:k]]), torch.cat([z, z, z.roll(1, 0)[:k]]),
                        torch.cat([c, c, c.roll(1, 0)[:k]]))
-        gan_loss_d([l[:B] for l in logits], [l[B:] for l in logits]).backward()
+        scaler.scale(gan_loss_d([l[:B] for l in logits], [l[B:] for l in logits])).backward()
         raw_D.requires_grad_(False)  # G step: E-LatentLPIPS + the adversarial term through the frozen D
         with ctx:
             loss_g = lpips(x_hat, x, augment=augment or None).mean() + 0.1 * gan_loss_g(D(x_hat, z, c))
-        loss_g.backward()
+        scaler.scale(loss_g).backward()
         for opt, net in ((opt_g, raw_G), (opt_d, raw_D)):
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+            scaler.step(opt)
             opt.zero_grad(set_to_none=True)
+        scaler.update()
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(raw_G.parameters()), 0.01)
 
@@ -225,7 +232,8 @@ if 'train' in sections:
     peak_r1 = f", peak {peak_memory():.1f} GiB" if device == 'cuda' else ""
     ms_lpips = timed(lpips_step)
     ms_all = ms + ms_r1 / r1_interval
-    tag = f"batch {B} | {n}x{n} latents | {unet} | {run} | AdamW {'fused' if fused else 'foreach'}"
+    tag = (f"batch {B} | {n}x{n} latents | {unet} | {run} | G {str(dtype_g).removeprefix('torch.')} | "
+           f"AdamW {'fused' if fused else 'foreach'}")
     print(f"training step (G + D + E-LatentLPIPS), no R1 | {tag} | {ms:.1f} ms{peak}")
     print(f"R1 step (1 sample, uncompiled D, math attention) | {tag} | {ms_r1:.1f} ms{peak_r1}, "
           f"1/{r1_interval} of steps")

@@ -69,6 +69,18 @@ def toy_metrics(images, labels, n_objects=None, n_ref=5000, path=DEFAULT_PATH):
             "acc": attribute_accuracy(model, images, labels)}
 
 
+def hf_power(images, cutoff=0.25):
+    """Mean power of images [N,C,H,W] at spatial frequencies above `cutoff` cycles per pixel (Nyquist is 0.5): what
+    blur removes and a sharp edge has. The ratio of a model's to its teacher's on the same z and captions is the toy's
+    sharpness metric (1 = as sharp as the teacher, below 1 softer), which the classifier's FID-like distance, trained
+    to ignore blur, barely sees."""
+    x = images.float() - images.float().mean((2, 3), keepdim=True)
+    power = torch.fft.fft2(x).abs().square()  # [N, C, H, W]
+    fy, fx = torch.fft.fftfreq(x.shape[2]), torch.fft.fftfreq(x.shape[3])
+    high = (fy[:, None].square() + fx[None, :].square()).sqrt() > cutoff
+    return power[..., high].mean().item()
+
+
 def feature_distance(model, a, b):
     """Mean cosine distance between the classifier features of paired images a[i], b[i]: our stand-in for the
     paper's DreamSim-to-the-teacher column (how far the one-step student strays from its teacher per sample)."""
@@ -80,34 +92,37 @@ def feature_distance(model, a, b):
 def toy_table(T, students, n=500, teacher_steps=25, guidance=3.0, seed0=2 * 10**6, batch_size=250, teacher=True):
     """The toy results: for 1- and 2-object validation captions (fixed seeds, one z per caption), the teacher
     (DDIM, `teacher_steps` steps, guidance and guidance 1), the teacher in one DDIM step, and each student
-    (name -> function(z, cond) -> latent). Returns {name: {objects: {acc, fid[, to_teacher]}}}; teacher=False
-    skips the teacher rows (and so the distance to the teacher, which is measured against the first row)."""
-    from sample import seeded_noise
+    (name -> function(z, cond) -> latent). Returns {name: {objects: {acc, fid, to_teacher, sharpness}}}, the last
+    two against the first teacher row for the same z and caption; teacher=False leaves the teacher rows out of the
+    table (the first is still made, as the reference)."""
+    from teacher import seeded_noise
     model = _classifier(DEFAULT_PATH)
-    rows = {f"teacher, DDIM {teacher_steps} steps, guidance {guidance:g}": lambda z, c, u: T.sample(z, c, u, teacher_steps, guidance),
+    ref_name = f"teacher, DDIM {teacher_steps} steps, guidance {guidance:g}"
+    rows = {ref_name: lambda z, c, u: T.sample(z, c, u, teacher_steps, guidance),
             f"teacher, DDIM {teacher_steps} steps, guidance 1": lambda z, c, u: T.sample(z, c, u, teacher_steps, 1.0),
-            f"teacher, DDIM 1 step, guidance {guidance:g}": lambda z, c, u: T.sample(z, c, u, 1, guidance)} if teacher else {}
+            f"teacher, DDIM 1 step, guidance {guidance:g}": lambda z, c, u: T.sample(z, c, u, 1, guidance)}
+    rows = rows if teacher else {ref_name: rows[ref_name]}  # the first row is the reference of to_teacher, sharpness
     rows |= {name: (lambda z, c, u, f=f: f(z, c)) for name, f in students.items()}
     table = {name: {} for name in rows}
     for n_objects in (1, 2):
         _, caps, labels = shapes.make_batch(shapes.val_seeds(n), n_objects)
         z = seeded_noise(range(seed0, seed0 + n), T.latent_shape(), T.device)
-        reference = None
         for name, fn in rows.items():
             images = []
             for i in range(0, n, batch_size):
                 cond, uncond = T.conditions(caps[i:i + batch_size])
                 images.append(T.decode(fn(z[i:i + batch_size], cond, uncond)).cpu())
             images = torch.cat(images)
-            reference = images if reference is None and teacher else reference  # the first row is the teacher
-            m = toy_metrics(images, labels, n_objects)
-            table[name][n_objects] = m | ({"to_teacher": feature_distance(model, images, reference)} if teacher else {})
-    return table
+            if name == ref_name:
+                reference, ref_power = images, hf_power(images)
+            table[name][n_objects] = toy_metrics(images, labels, n_objects) | {
+                "to_teacher": feature_distance(model, images, reference), "sharpness": hf_power(images) / ref_power}
+    return table if teacher else {k: v for k, v in table.items() if k != ref_name}
 
 
 def markdown(table, n):
-    cols = [k for k in ("acc", "fid", "to_teacher") if k in next(iter(table.values()))[1]]
-    names = {"acc": "acc", "fid": "FID-like", "to_teacher": "to teacher"}
+    cols = [k for k in ("acc", "fid", "to_teacher", "sharpness") if k in next(iter(table.values()))[1]]
+    names = {"acc": "acc", "fid": "FID-like", "to_teacher": "to teacher", "sharpness": "sharpness"}
     lines = [f"| model ({n} captions per object count) | " + " | ".join(f"{names[c]}, {k} obj." for k in (1, 2)
                                                                       for c in cols) + " |",
              "|---" * (1 + 2 * len(cols)) + "|"]
@@ -294,7 +309,8 @@ clip = ""  # a local open_clip ViT-g-14 weights file ('' = open_clip downloads l
 metrics = "fid,clip"
 batch_size = 16
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # coco: the teacher's weights and compute
+dtype_g = "float16" if torch.cuda.is_available() else "float32"  # coco: the student's autocast (fp16: see train.py)
 
 def sanity_table():
     """The metric's own floor and reactions: real validation images (not in the reference set), and damaged ones."""
@@ -315,7 +331,8 @@ def sanity_table():
 
 
 def main():
-    from sample import load_student, one_step
+    from sample import load_student
+    from teacher import one_step
     from teacher import load_teacher
     T, students, teachers = None, {}, {}
     for path in [p for p in ckpt.split(",") if p]:
@@ -339,12 +356,12 @@ def main():
 def coco_main():
     """The COCO protocol for one model, a student (--ckpt) or a teacher (--teacher): this rank's share of the
     images (skipping those already written), the reference images likewise, then FID and CLIP score on rank 0."""
-    from contextlib import nullcontext
-
     import torch.distributed as dist
 
-    from make_pairs import hash_weights, setup_distributed, teacher_fingerprint
-    from sample import load_student, one_step, seeded_noise
+    from common import autocast, setup_distributed
+    from make_pairs import hash_weights, teacher_fingerprint
+    from sample import load_student
+    from teacher import one_step, seeded_noise
     from teacher import load_teacher
     if coco not in COCO:
         raise SystemExit(f"--coco={coco!r}: choose coco2014 or coco2017")
@@ -374,7 +391,7 @@ def coco_main():
     ptdtype = getattr(torch, dtype)
     if ckpt:
         T, G, cfg = load_student(ckpt, dev)
-        ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev.split(":")[0], dtype=ptdtype)
+        ctx = autocast(dev, dtype_g)
         sample_fn = lambda z, c, u: one_step(G, z, c, T.alphas_cumprod, T.prediction_type, cfg["t_G"],  # noqa: E731
                                              cfg["g_param"], ctx)
     else:
@@ -396,7 +413,7 @@ def coco_main():
     sampler = (f"one step (EMA) at t={cfg['t_G']}, {cfg['g_param']}" if ckpt
                else f"DDIM {teacher_steps} steps, guidance {guidance:g}")
     check_folder_settings(images, dict(draw, model=ckpt or teacher, weights_sha256=h.hexdigest(), sampler=sampler,
-                                       dtype=dtype))
+                                       dtype=dtype_g if ckpt else dtype))
     check_folder_settings(ref, draw)
     write_images(make, rows, images, size, rank, world, batch_size, "generated")
     write_images(real_images(rows, os.path.join(coco_dir, image_folder)), rows, ref, size, rank, world, 64, "reference")

@@ -178,17 +178,19 @@ def geometric(x, G):
     B, C, H, W = x.shape
     # non_blocking: a blocking host-to-GPU copy would make the CPU wait for the GPU's whole queue
     f = SYM6_2D.to(x.device, x.dtype, non_blocking=True).expand(C, 1, 12, 12)
-    # 2x up: pixel n of `up` sits at input coordinate (n - 5.5) / 2 - 6 (6: the reflect pad for the filter)
+    # 2x up: pixel n of `up` sits at input coordinate (n - 5) / 2 - 6 (6: the reflect pad for the filter). The
+    # 12-tap filter counts as centred at tap 5, as ADA's up/down-sampling pads it (and so the official library);
+    # SYM6 is not symmetric (centre of mass 5.1), and taking tap 5.5 turned rotations about a point 0.2 px off centre
     up = F.conv_transpose2d(F.pad(x, [6] * 4, mode='reflect'), 2 * f, stride=2, groups=C)
-    # output samples at 2x: 2H+10 of them, sample n at output coordinate (n - 5.5) / 2, so that the final
+    # output samples at 2x: 2H+10 of them, sample n at output coordinate (n - 5) / 2, so that the final
     # stride-2 filter returns exactly H x W pixels
-    v = (torch.arange(2 * W + 10, device=x.device) - 5.5) / 2 - (W - 1) / 2
-    u = (torch.arange(2 * H + 10, device=x.device) - 5.5) / 2 - (H - 1) / 2
+    v = (torch.arange(2 * W + 10, device=x.device) - 5) / 2 - (W - 1) / 2
+    u = (torch.arange(2 * H + 10, device=x.device) - 5) / 2 - (H - 1) / 2
     vy, vx = torch.meshgrid(u, v, indexing='ij')
     p = torch.stack([vx, vy, torch.ones_like(vx)], -1).view(1, -1, 3) @ G.transpose(1, 2)  # (B, N, 2)
     # where the 6-pixel pad is still exact (3 pixels out, as far as an identity map reads) sample it, further
     # out fold the coordinate back into the image (reflect padding at any distance); then index into `up`
-    fold = lambda q, n: torch.where((q >= -3) & (q <= n + 2), q, _reflect(q, n)) * 2 + 17.5
+    fold = lambda q, n: torch.where((q >= -3) & (q <= n + 2), q, _reflect(q, n)) * 2 + 17
     px, py = fold(p[..., 0] + (W - 1) / 2, W), fold(p[..., 1] + (H - 1) / 2, H)
     grid = torch.stack([(2 * px + 1) / up.shape[3] - 1, (2 * py + 1) / up.shape[2] - 1], -1)
     y = F.grid_sample(up, grid.view(B, 2 * H + 10, 2 * W + 10, 2).to(x.dtype), align_corners=False)
@@ -247,9 +249,13 @@ def augment_pair(x0, x1, preset='bg', p=1.0, generator=None):
 def _heads(logits):
     return logits if isinstance(logits, (list, tuple)) else [logits]
 
+def d_score(logits):
+    """D's verdict on each sample, shape (B,): the mean over heads of each head's mean logit, so that every head
+    weighs the same whatever its resolution. The GAN losses read logits this way, and R1 penalises this score."""
+    return torch.stack([l.float().flatten(1).mean(1) for l in _heads(logits)]).mean(0)
+
 def gan_loss_g(fake_logits):
-    """Non-saturating G loss, softplus(-D(fake)). D's heads (a list of logit maps, or one) are combined as the
-    mean over heads of each head's mean, so every head weighs the same whatever its resolution."""
+    """Non-saturating G loss, softplus(-D(fake)), per logit position, combined over D's heads as in d_score."""
     # logits in fp32: softplus of bf16 logits is coarse exactly where D is confident
     return torch.stack([F.softplus(-l.float()).mean() for l in _heads(fake_logits)]).mean()
 
@@ -259,25 +265,17 @@ def gan_loss_d(real_logits, fake_logits):
     fake = torch.stack([F.softplus(l.float()).mean() for l in _heads(fake_logits)]).mean()
     return real + fake
 
-def r1_penalty(D, x, *cond, gamma=1.0, interval=1, logits="sum"):
-    """R1 (Mescheder et al. 2018) as used by Kang et al. 2024, Sec. 3.3: loss_r1 = gamma/2 * interval *
-    ||d D(x, *cond) / dx||^2, averaged over the samples given. Pass one real sample (x[:1], its cond) for
-    the paper's single-sample R1, or the whole batch; call it every `interval` D steps (lazy regularisation,
-    hence the factor). D(x, *cond) returns a list of logit maps or one; wrap yours in a lambda if its argument
-    order differs. Use the uncompiled D: torch.compile does not support the double backward this needs.
-    D's scalar per sample is, for logits='sum', the sum of every logit position (the usual R1 of patch and
-    multi-head discriminators): gan_loss_d averages them instead, so this penalty grows with the square of the
-    number of positions (568 on the toy, about 53,000 for SD1.5 at 512 px) and a gamma tuned at one resolution does
-    not carry to another. logits='mean' takes the scalar the loss reads (mean over heads of each head's mean)."""
+def r1_penalty(D, x, *cond, gamma=1.0, interval=1):
+    """R1 (Mescheder et al. 2018) as used by Kang et al. 2024, Sec. 3.3: gamma/2 * interval * ||d s(x) / dx||^2,
+    averaged over the samples given, where s = d_score(D(x, *cond)) is the per-sample score the GAN loss reads
+    (as StyleGAN2-ADA penalises the logit its loss reads). Pass one real sample (x[:1], its cond) for the paper's
+    single-sample R1, or the whole batch; call it every `interval` D steps (lazy regularisation, hence the factor).
+    D(x, *cond) returns a list of logit maps or one; wrap yours in a lambda if its argument order differs. Use the
+    uncompiled D: torch.compile does not support the double backward this needs.
+    Scaling: s averages P logit positions, so ||ds/dx||^2 shrinks about as 1/P as the latent grows; gamma grows
+    with the latent's area to keep the same effect (the SD configs say by how much)."""
     x = x.detach().requires_grad_(True)
-    heads = [l.float().flatten(1) for l in _heads(D(x, *cond))]
-    if logits == "sum":
-        score = sum(l.sum() for l in heads)
-    elif logits == "mean":  # summed over samples: each sample's gradient is that of its own score
-        score = torch.stack([l.mean(1) for l in heads]).mean(0).sum()
-    else:
-        raise ValueError(f"r1 logits must be 'sum' or 'mean', not {logits!r}")
-    (grad,) = torch.autograd.grad(score, x, create_graph=True)
+    (grad,) = torch.autograd.grad(d_score(D(x, *cond)).sum(), x, create_graph=True)  # sum: each sample's own grad
     return gamma / 2 * interval * grad.float().square().sum((1, 2, 3)).mean()
 
 # -----------------------------------------------------------------------------

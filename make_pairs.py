@@ -36,7 +36,6 @@ Pair folder format, version 1 (PairDataset below reads it):
       checksums        JSON list of n CRC-32s, one per pair, of the bytes of z[j], then x[j], then the UTF-8 prompt
 """
 import bisect
-import datetime
 import hashlib
 import json
 import os
@@ -51,6 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from common import DTYPES, setup_distributed
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -82,7 +82,6 @@ onednn = False  # CPU: oneDNN convs are ~1.5x faster, but then the bits depend o
 _FORMAT, _VERSION = "diffusion2gan-pairs", 1
 _SETTINGS = ("teacher_fingerprint", "num_pairs", "shard_size", "latent_shape", "latent_dtype", "dtype", "resolution",
              "guidance", "steps", "spacing")  # the settings that readers (PairDataset, train.py) use
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def shard_name(k):
@@ -305,23 +304,6 @@ def settings_diff(old, new):
 
 # -----------------------------------------------------------------------------
 # the run
-
-
-def setup_distributed(device, timeout_hours=None):
-    """(ddp, rank, world, device) for this process. torchrun sets RANK: then the process group starts (nccl on
-    GPU, gloo on CPU) and a cuda device becomes this rank's GPU; plain python gives (False, 0, 1, device).
-    make_pairs.py, train.py and eval.py all start this way. timeout_hours: how long a collective waits for the
-    slowest rank (torch's default is 10 minutes for nccl): make_pairs and eval meet only at the end of their work,
-    when a rank with one more shard to make can be an hour behind the others."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if not ddp:
-        return False, 0, 1, device
-    timeout = datetime.timedelta(hours=timeout_hours) if timeout_hours else None
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
 
 def main(**overrides):

@@ -19,26 +19,12 @@ the default False would add sqrt(1 - alpha_bar_0) = 0.029 of the predicted noise
 """
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 from PIL import Image
 
-from teacher import predict_x0
-
-
-def one_step(unet, z, cond, alphas_cumprod, prediction_type, t=999, param="teacher", ctx=nullcontext()):
-    """G(z, c): one UNet call at timestep t on pure noise z. param='teacher' reads the output like the teacher's
-    (eps or v) and converts it to x0 in fp32, where the 1/sqrt(alpha_bar_999) = 14.6x amplification of any error
-    is harmless; param='x0' reads the output as x0 directly. Returns the latent in the UNet's scaled space, fp32."""
-    with ctx:
-        out = unet(z, t, **cond)  # a scalar t: one time-embedding row for the whole batch
-    return predict_x0(out.float(), z.float(), t, alphas_cumprod, prediction_type) if param == "teacher" else out.float()
-
-
-def seeded_noise(seeds, shape, device="cpu"):
-    """One z per seed, each from its own generator (CPU, fp32): the same images whatever the batch size."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+from common import autocast
+from teacher import one_step, seeded_noise
 
 
 def to_image(x):
@@ -72,7 +58,8 @@ with_teacher = False  # also write a grid with the teacher's DDIM sample for the
 teacher_steps = 25
 teacher_guidance = 3.0
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+dtype = "float16" if torch.cuda.is_available() else "float32"  # the student's autocast: fp16, not bf16 (its x0 is
+# eps x14.6, and bf16's rounding of eps would show; train.py's dtype_g)
 compile = False  # torch.compile the student (worth it on a GPU for many batches)
 compile_mode = "default"  # or "reduce-overhead": CUDA graphs, for small launch-bound batches (README: Speed)
 export = ""  # instead of sampling: write the student (EMA) here as a diffusers UNet folder
@@ -95,8 +82,7 @@ if __name__ == "__main__":
     texts = [p for p in texts for _ in range(n)]
     res = resolution or T.resolution
     shape = T.latent_shape(res)
-    ptdtype = getattr(torch, dtype)
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=ptdtype)
+    ctx = autocast(device, dtype)
     net = torch.compile(G, mode=compile_mode) if compile else G
     os.makedirs(out_dir, exist_ok=True)
     images, teacher_images, t0 = [], [], time.time()

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -103,6 +104,22 @@ def ddim_sample(unet, z, cond, uncond, steps=50, guidance=3.0, spacing="trailing
         a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else ac[0]
         x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
     return x
+
+
+def one_step(unet, z, cond, alphas_cumprod, prediction_type, t=999, param="teacher", ctx=nullcontext()):
+    """The one-step student G(z, c) of Kang et al. 2024 (Sec. 3): one UNet call at timestep t on pure noise z, where
+    the teacher's ODE starts. param='teacher' reads the output like the teacher's (eps or v) and converts it to x0 in
+    fp32: at t=999 x0 = (z - sqrt(1 - a) eps) / sqrt(a) multiplies any error of eps by 1/sqrt(a) = 14.6, so run the
+    UNet (ctx) in fp16 or fp32, not bf16 (train.py's dtype_g). param='x0' reads the output as x0 directly.
+    Returns the latent in the UNet's scaled space, fp32."""
+    with ctx:
+        out = unet(z, t, **cond)  # a scalar t: one time-embedding row for the whole batch
+    return predict_x0(out.float(), z.float(), t, alphas_cumprod, prediction_type) if param == "teacher" else out.float()
+
+
+def seeded_noise(seeds, shape, device="cpu"):
+    """One z per seed, each from its own generator (CPU, fp32): the same images whatever the batch size."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -28,6 +28,8 @@ out_dir = "out/toy"  # checkpoints, sample grids, log and metrics
 teacher = "toy"  # 'toy' = toy/weights/sd; else a diffusers folder, single file or hub id (see teacher.py)
 pairs = "pairs/toy"  # a make_pairs.py folder; for the toy it is made here when missing
 toy_pairs = 4000  # toy only: how many pairs to make (one per training caption)
+d_holdout = 64  # the folder's last pairs, never trained on: D's score on them is logged (an overfitting D scores
+# its training reals far above these)
 pair_steps = 25  # toy only: DDIM steps of the pairs (make_pairs.py's default is 50; 25 keeps the toy fast)
 pair_guidance = 3.0  # toy only: guidance of the pairs (the paper's SD-CFG-3 set)
 resume = True  # continue from out_dir/ckpt.pt when it exists
@@ -48,9 +50,8 @@ d_ms_input = True  # multiscale input: resized x at every encoder level
 d_ms_output = True  # multiscale output: heads before, at and after every skip connection
 t_D = 0  # D's fixed timestep input: it judges clean latents
 mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
-r1_gamma = 1.0  # R1 weight (not published)
-r1_logits = "sum"  # R1 of the 'sum' of all logits (gamma scales with their count squared) or their 'mean' (as the loss)
-r1_interval = 16  # lazy R1: every this many steps, scaled by the interval
+r1_gamma = 1.0  # R1 weight on D's per-sample score, the one its loss reads (not published; the SD configs scale it)
+r1_interval = 16  # lazy R1: every this many steps, scaled by the interval; its gradient is never clipped
 r1_single = True  # R1 on one real sample (paper) or on the whole batch
 # optimisation
 batch_size = 64  # global batch: per GPU it is batch_size // (world size * grad_accum)
@@ -58,18 +59,22 @@ grad_accum = 1  # micro-steps per step
 max_steps = 400
 lr_g = 1e-4
 lr_d = 1e-4
-beta1 = 0.9  # Adam betas for both optimisers. Not GAN practice's 0: G's loss is mostly regression, and without
-# momentum its noisy updates (x14.6 from eps to x0 at t=999) shift the whole output (README: the toy's ablations)
+beta1 = 0.9  # G's Adam betas. Not GAN practice's 0: G's loss is mostly regression, and without momentum its noisy
+# updates (x14.6 from eps to x0 at t=999) shift the whole output (toy/README.md)
 beta2 = 0.99
+beta1_d = 0.0  # D's Adam betas: no momentum, as StyleGAN2 and StyleGAN-T train their discriminators
+beta2_d = 0.99
 weight_decay = 0.0
 warmup = 20  # linear learning-rate warmup, in steps
 grad_clip = 1.0  # max gradient norm of G (0 = off)
-grad_clip_d = 1.0  # max gradient norm of D, R1 steps included (0 = off: then r1_gamma sets the penalty's real weight)
+grad_clip_d = 1.0  # max gradient norm of D's loss (0 = off); R1's gradient is added after the clip
 ema_decay = 0.99  # EMA of G's weights (the EMA is what sample.py and eval.py use)
 ema_warmup = False  # decay min(ema_decay, 1 - 9/(10+step)), ~the last 1/9 of the steps (0.9999 alone: 14% teacher at 20k)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype of D and the losses; weights stay fp32
+dtype_g = "float16" if torch.cuda.is_available() else "float32"  # G's autocast dtype: its x0 is eps x14.6, and bf16's
+# 8-bit mantissa would put a noise floor on it (0.054 on the toy) that the teacher's pairs lack; fp16's is 8x lower
 compile = False  # torch.compile G and D (raw modules kept for saving and R1); costs minutes: on in config/sd15.py, sdxl.py
 seed = 0
 log_interval = 20
@@ -84,9 +89,9 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 import losses  # noqa: E402  (after the knobs so that --help is instant)
 from discriminator import Discriminator  # noqa: E402
-from make_pairs import DTYPES, PairDataset, setup_distributed, teacher_fingerprint  # noqa: E402
-from sample import one_step, seeded_noise  # noqa: E402
-from teacher import load_teacher  # noqa: E402
+from common import DTYPES, autocast, setup_distributed  # noqa: E402
+from make_pairs import PairDataset, teacher_fingerprint  # noqa: E402
+from teacher import load_teacher, one_step, seeded_noise  # noqa: E402
 
 TOY_TEACHER, TOY_LPIPS = "toy/weights/sd", "toy/weights/toy_latest_vgg16_tuned.safetensors"
 TOY_PIXEL_VGG = "toy/weights/toy_pixel_vgg16.safetensors"
@@ -98,9 +103,9 @@ master = rank == 0
 assert batch_size % (world * grad_accum) == 0, f"batch_size {batch_size} must divide by world * grad_accum"
 micro = batch_size // (world * grad_accum)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=ptdtype)
-scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)  # only fp16 needs loss scaling
+ptdtype, ptdtype_g = DTYPES[dtype], DTYPES[dtype_g]
+ctx, ctx_g = autocast(device, ptdtype), autocast(device, ptdtype_g)
+scaler = torch.amp.GradScaler(device.split(":")[0], enabled=torch.float16 in (ptdtype, ptdtype_g))  # fp16: loss scaling
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"world {world} | micro-batch {micro} x accum {grad_accum} = global {batch_size} | {device} {dtype}")
@@ -130,6 +135,9 @@ if made_by != teacher_fingerprint(T, DTYPES[data.index["settings"]["dtype"]]):
     raise SystemExit(f"{pairs}/index.json: these pairs were made by another teacher than --teacher={teacher} "
                      "(its UNet, text encoder, tokenizer or schedule differ): make pairs with this teacher, or train "
                      "with the teacher that made them")
+n_train = len(data) - d_holdout  # the held-out pairs are never trained on, with or without the GAN: arms compare
+if n_train < 1:
+    raise SystemExit(f"--d_holdout={d_holdout}: {pairs} holds only {len(data)} pairs, none would be left to train on")
 abar = T.alphas_cumprod.to(device)
 
 
@@ -141,14 +149,14 @@ def encode(prompts):
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(e):
-    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + e))
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 100003 + e))
 
 
 def batches(step):
     """The micro-batches of this rank from `step` on. Epoch e visits the pairs in a permutation seeded by (seed, e);
     step s takes the global positions [s * batch_size, (s + 1) * batch_size) of that endless stream, split by rank
     and micro-step. Resuming at a step gives exactly the batches an uninterrupted run would have seen."""
-    n = len(data)
+    n = n_train
     while True:
         for m in range(grad_accum):
             start = step * batch_size + (m * world + rank) * micro
@@ -190,10 +198,10 @@ elif regression == "pixel-lpips":
         raise SystemExit("regression=pixel-lpips needs --pixel_vgg= an image-space VGG16-BN LPIPS file")
     lpips_net = lpips_from_file(pixel_vgg or TOY_PIXEL_VGG, latent=False).to(device)
 
-adamw = functools.partial(torch.optim.AdamW, betas=(beta1, beta2), weight_decay=weight_decay,
+adamw = functools.partial(torch.optim.AdamW, weight_decay=weight_decay,
                           fused=device.startswith("cuda"))  # fused: one pass over the weights, foreach's ~10 passes
-opt_g = adamw(G.parameters(), lr=lr_g)
-opt_d = adamw(D.parameters(), lr=lr_d) if gan else None
+opt_g = adamw(G.parameters(), lr=lr_g, betas=(beta1, beta2))
+opt_d = adamw(D.parameters(), lr=lr_d, betas=(beta1_d, beta2_d)) if gan else None
 
 step = 0
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -205,13 +213,13 @@ if resume and os.path.exists(ckpt_path):
     if gan:
         D.load_state_dict(ckpt["D"])
         opt_d.load_state_dict(ckpt["opt_d"])
-    optimisers = {"G": opt_g, "D": opt_d} if gan else {"G": opt_g}
-    for name, opt in optimisers.items():  # this command's Adam settings win over the checkpoint's, as lr does
+    optimisers = {"G": (opt_g, (beta1, beta2)), "D": (opt_d, (beta1_d, beta2_d))} if gan else {"G": (opt_g, (beta1, beta2))}
+    for name, (opt, betas) in optimisers.items():  # this command's Adam settings win over the checkpoint's, as lr does
         for group in opt.param_groups:
-            if master and (tuple(group["betas"]), group["weight_decay"]) != ((beta1, beta2), weight_decay):
+            if master and (tuple(group["betas"]), group["weight_decay"]) != (betas, weight_decay):
                 print(f"resume: {name}'s Adam betas {tuple(group['betas'])}, weight decay {group['weight_decay']} in "
-                      f"the checkpoint; continuing with this command's {(beta1, beta2)}, {weight_decay}")
-            group["betas"], group["weight_decay"] = (beta1, beta2), weight_decay
+                      f"the checkpoint; continuing with this command's {betas}, {weight_decay}")
+            group["betas"], group["weight_decay"] = betas, weight_decay
     step = ckpt["step"]
     if "scaler" in ckpt and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
@@ -232,8 +240,8 @@ if ddp:
 
 
 def generate(net, z, cond):
-    """G(z, c) as an fp32 x0 latent (sample.one_step: one UNet call at t_G, read like the teacher's output)."""
-    return one_step(net, z, cond, abar, T.prediction_type, t_G, g_param, ctx)
+    """G(z, c) as an fp32 x0 latent (teacher.one_step: one UNet call at t_G, read like the teacher's output)."""
+    return one_step(net, z, cond, abar, T.prediction_type, t_G, g_param, ctx_g)
 
 
 def regression_loss(x_hat, x):
@@ -285,6 +293,22 @@ if master:  # the prompts' conditions and the teacher's side of every grid, once
     grid_cond, grid_uncond = T.conditions(grid_prompts, s["resolution"], s["resolution"])
     with torch.no_grad():
         grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, s["steps"], s["guidance"], s["spacing"]))
+if gan and d_holdout and master:  # the held-out pairs, for D's score on reals it never trained on
+    held_z, held_x, held_prompts = zip(*(data[i] for i in range(n_train, len(data))))
+    held_z, held_x, held_cond = torch.stack(held_z).to(device), torch.stack(held_x).to(device), encode(list(held_prompts))
+
+
+@torch.no_grad()
+def heldout_score():
+    """D's mean score (as its loss reads the logits) on the held-out real pairs, in micro-batches."""
+    scores = []
+    for i in range(0, len(held_z), micro):
+        c = {key: v[i:i + micro] if v is not None else None for key, v in held_cond.items()}
+        with ctx:
+            scores.append(losses.d_score(raw_D(held_x[i:i + micro], held_z[i:i + micro], **c)))
+    return torch.cat(scores).mean().item()
+
+
 T.unet.to("cpu")  # G and D are copies: the teacher UNet is not needed on the GPU again (3.4 GB for SD1.5, 10 for SDXL)
 
 
@@ -352,14 +376,6 @@ while step < max_steps:
         if gan:
             # --- D step: real (x, z, c) vs fake (G(z, c), z, c) and mix-and-match fakes (x, z', c')
             raw_D.requires_grad_(True)
-            if do_r1 and m == 0:  # lazy R1 on the uncompiled, unwrapped D: its gradient joins the synced one below
-                k = 1 if r1_single else len(x)
-                sub = {key: v[:k] if v is not None else None for key, v in cond.items()}
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # double backward
-                    r1 = losses.r1_penalty(lambda xx: raw_D(xx, z[:k], **sub), x[:k], gamma=r1_gamma,
-                                           interval=r1_interval, logits=r1_logits)
-                scaler.scale(r1).backward()  # once per step, not per micro-step: no 1 / grad_accum
-                step_terms["r1"] = r1.detach()
             j = step * grad_accum + m
             k = mixed_fakes(j + 1, len(x)) - mixed_fakes(j, len(x))
             shift = lambda v: v.roll(1, 0)[:k]  # sample i gets sample i-1's noise and prompt
@@ -372,34 +388,60 @@ while step < max_steps:
             fake = [l[B:] for l in logits]  # G's outputs and the mismatched reals, both fake
             loss_d = losses.gan_loss_d(real, fake)
             scaler.scale(loss_d / grad_accum).backward()
-            step_terms |= {"d_loss": loss_d.detach(), "d_real": torch.stack([l.float().mean() for l in real]).mean(),
-                           "d_fake": torch.stack([l[:B].float().mean() for l in fake]).mean()}
+            score = losses.d_score([l.detach() for l in logits])  # D's verdict per sample, as its loss reads it
+            step_terms |= {"d_loss": loss_d.detach(), "d_real": score[:B].mean(), "d_fake": score[B:2 * B].mean(),
+                           "d_real_pos": (score[:B] > 0).float().mean()}  # the share of reals D calls real
             if k:
-                step_terms["d_mm"] = torch.stack([l[B:].float().mean() for l in fake]).mean()
+                step_terms["d_mm"] = score[2 * B:].mean()
+            if do_r1 and m == 0:  # the R1 sample(s): this step's first real(s), penalised after D's clip (below)
+                n_r1 = 1 if r1_single else B
+                r1_batch = (x[:n_r1], z[:n_r1], {key: v[:n_r1] if v is not None else None for key, v in cond.items()})
             raw_D.requires_grad_(False)  # G's step sends gradients through D, not into it
-        # --- G step: regression to the teacher's x, plus the adversarial term through the frozen D
-        loss_rec = regression_loss(x_hat, x)
-        loss_g = loss_rec
+        # --- G step: regression to the teacher's x, plus the adversarial term through the frozen D. The two terms meet
+        # at G's output: their gradients there are taken apart (so the log can show their ratio), then summed and sent
+        # back through G in one backward
+        x_out = x_hat.detach().requires_grad_(True)
+        loss_rec = regression_loss(x_out, x)
+        (grad,) = torch.autograd.grad(loss_rec, x_out)
         step_terms["g_rec"] = loss_rec.detach()
         if gan:
             with ctx:
-                loss_adv = losses.gan_loss_g(D_frozen(x_hat, z, **cond))
-            loss_g = loss_g + lambda_gan * loss_adv
-            step_terms["g_adv"] = loss_adv.detach()
-        scaler.scale(loss_g / grad_accum).backward()
+                loss_adv = losses.gan_loss_g(D_frozen(x_out, z, **cond))
+            (grad_adv,) = torch.autograd.grad(lambda_gan * loss_adv, x_out)
+            step_terms |= {"g_adv": loss_adv.detach(), "adv_rec": grad_adv.norm() / grad.norm()}  # G's gradient ratio
+            grad = grad + grad_adv
+        x_hat.backward(scaler.scale(grad / grad_accum))
         for key, v in step_terms.items():
             terms.setdefault(key, [0, 0])[0] += v.float()
             terms[key][1] += 1
-    # optimiser steps, gradient norms, EMA
-    for name, opt, net, clip in (("g", opt_g, raw_G, grad_clip), ("d", opt_d, raw_D, grad_clip_d)):
-        if opt is None:
-            continue
-        scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip > 0 else float("inf"))  # before clipping
-        scaler.step(opt)
-        opt.zero_grad(set_to_none=True)
-        terms.setdefault(f"gnorm_{name}", [0, 0])[0] += norm.float()
-        terms[f"gnorm_{name}"][1] += 1
+    # optimiser steps, gradient norms (before clipping), EMA
+    scaler.unscale_(opt_g)
+    norm_g = torch.nn.utils.clip_grad_norm_(raw_G.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(opt_g)
+    opt_g.zero_grad(set_to_none=True)
+    norms = {"gnorm_g": norm_g}
+    if gan:
+        scaler.unscale_(opt_d)
+        norms["gnorm_d"] = torch.nn.utils.clip_grad_norm_(raw_D.parameters(), grad_clip_d if grad_clip_d > 0 else float("inf"))
+        if do_r1:  # lazy R1 (Sec. 3.3), after the clip: clipped with the D loss, every R1 step would be a step of
+            # fixed length along R1, whatever r1_gamma. On the uncompiled, unwrapped D (double backward), in fp32
+            xr, zr, cr = r1_batch
+            raw_D.requires_grad_(True)
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # the backend with a double backward
+                r1 = losses.r1_penalty(lambda xx: raw_D(xx, zr, **cr), xr, gamma=r1_gamma, interval=r1_interval)
+            r1.backward()  # once per step, not per micro-step: no 1 / grad_accum
+            raw_D.requires_grad_(False)
+            if ddp:  # every rank penalised its own sample: average (the D loss's part is the same on every rank)
+                for p in raw_D.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            terms.setdefault("r1", [0, 0])[0] += r1.detach()
+            terms["r1"][1] += 1
+        scaler.step(opt_d)
+        opt_d.zero_grad(set_to_none=True)
+    for key, v in norms.items():
+        terms.setdefault(key, [0, 0])[0] += v.float()
+        terms[key][1] += 1
     scaler.update()
     with torch.no_grad():
         decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
@@ -414,6 +456,8 @@ while step < max_steps:
         if bad:
             raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)} within the last {n} steps; stopping. "
                                      f"The last good checkpoint ({ckpt_path}) is untouched")
+        if gan and d_holdout and master:  # an overfitting D scores these like fakes while its training reals score high
+            avg["d_heldout"] = heldout_score()
         dt = (time.time() - t_last) / n
         mem = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else ""
         log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in avg.items())

@@ -41,7 +41,9 @@ def test_train_section_uses_train_py_s_adam_betas():
     def knobs(name):
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
         return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                for t in node.targets if isinstance(t, ast.Name) and t.id in ("beta1", "beta2", "betas")}
+                for t in node.targets if isinstance(t, ast.Name)
+                and t.id in ("beta1", "beta2", "beta1_d", "beta2_d", "betas", "betas_d")}
 
     train, bench = knobs("train.py"), knobs("bench.py")
     assert bench["betas"] == (train["beta1"], train["beta2"])
+    assert bench["betas_d"] == (train["beta1_d"], train["beta2_d"])

@@ -204,7 +204,7 @@ def test_vae_keeps_the_attributes(model, toy_teacher):
 
 def test_guidance_makes_the_teacher_follow_its_captions(model, toy_teacher):
     """DDIM 25 steps: guidance 3 reads at least 85% of 1-object caption attributes, 5 points more than guidance 1."""
-    from sample import seeded_noise
+    from teacher import seeded_noise
     _, caps, y = shapes.make_batch(shapes.val_seeds(200), n_objects=1)
     z = seeded_noise(range(2 * 10**6, 2 * 10**6 + 200), toy_teacher.latent_shape(), "cpu")
     cond, uncond = toy_teacher.conditions(caps)
@@ -214,3 +214,19 @@ def test_guidance_makes_the_teacher_follow_its_captions(model, toy_teacher):
             images = toy_teacher.decode(toy_teacher.sample(z, cond, uncond, steps=25, guidance=w))
         acc[w] = classifier.attribute_accuracy(model, images, y)
     assert acc[3.0] >= 0.85 and acc[3.0] - acc[1.0] >= 0.05, acc
+
+
+def test_sharpness_sees_blur_that_the_fid_like_distance_barely_sees(toy_teacher):
+    """The sharpness metric (high-frequency power relative to the teacher's, same z and captions) falls as the
+    teacher's own samples are blurred and rises with added noise; blur of sigma 0.5 px halves it (0.46 measured)."""
+    from eval import hf_power
+    from teacher import seeded_noise
+    _, caps, _ = shapes.make_batch(shapes.val_seeds(100), n_objects=1)
+    cond, uncond = toy_teacher.conditions(caps)
+    z = seeded_noise(range(2 * 10**6, 2 * 10**6 + 100), toy_teacher.latent_shape())
+    with torch.no_grad():
+        images = toy_teacher.decode(toy_teacher.sample(z, cond, uncond, steps=25, guidance=3.0))
+    ref = hf_power(images)
+    ratios = [hf_power(classifier.blur(images, torch.full((100,), s))) / ref for s in (0.5, 1.0)]
+    assert ratios[0] < 0.7 and ratios[1] < 0.5 * ratios[0], ratios
+    assert hf_power(images + 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))) > 1.2 * ref

@@ -33,7 +33,7 @@ def world(tmp_path_factory):
 def args(world, out, **kw):
     base = dict(teacher=f"{world}/sd", pairs=f"{world}/pairs", lpips=f"{world}/toy_latest_vgg16_tuned.safetensors",
                 out_dir=str(out), batch_size=4, log_interval=1, sample_interval=1000, ckpt_interval=1000,
-                r1_interval=2, warmup=1, lr_g=1e-3, lr_d=1e-3)
+                r1_interval=2, warmup=1, lr_g=1e-3, lr_d=1e-3, d_holdout=4)
     return [f"--{k}={v}" for k, v in (base | kw).items()]
 
 
@@ -81,6 +81,41 @@ def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch):
     assert (g_clip, d_clip) == (0.5, float("inf"))
 
 
+def test_r1_is_not_clipped_with_the_d_loss(world, tmp_path):
+    """R1's gradient joins D's after the clip: the clipped norm (gnorm_d, logged before clipping) is the D loss's
+    alone, the same with R1 at weight 0 or 1e5, while the weights D ends with differ. At step 1 D's heads are zero,
+    so R1 has no gradient; step 2 shows it. Clipped together, gnorm_d grew with gamma and every R1 step had the clip's
+    length whatever gamma was."""
+    logs = {}
+    for gamma in (0, 100000):
+        r = run(["train.py", *args(world, tmp_path / f"g{gamma}", max_steps=2, r1_interval=1, r1_gamma=gamma,
+                                   grad_clip_d=1e-3, mix_match=0, regression="l2")])
+        assert r.returncode == 0, r.stderr[-3000:]
+        line = [l for l in r.stdout.splitlines() if l.startswith("step 2 |")][0]
+        logs[gamma] = dict(kv.split(" ") for kv in line.split(" | ")[1:] if kv.count(" ") == 1)
+    assert logs[0]["gnorm_d"] == logs[100000]["gnorm_d"]
+    assert float(logs[100000]["r1"]) > 0
+    d0, d100 = load(tmp_path / "g0")["D"], load(tmp_path / "g100000")["D"]
+    assert any(not torch.equal(v, d100[k]) for k, v in d0.items())
+
+
+def test_the_log_shows_d_health(world, tmp_path, monkeypatch, capsys):
+    """Every log line has D's scores on reals, fakes, mix-and-match fakes and held-out reals, the share of reals
+    it calls real, and G's adversarial-to-regression gradient ratio; the held-out pairs are never trained on."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=2, mix_match=0.5, d_holdout=8)])
+    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert len(lines) == 2
+    for line in lines:
+        for key in ("d_real", "d_fake", "d_mm", "d_real_pos", "d_heldout", "adv_rec"):
+            assert f"| {key} " in line, (key, line)
+    assert g["n_train"] == 16 and len(g["held_z"]) == 8
+    for e in range(3):  # every epoch visits the first 16 pairs, each once, and never the last 8
+        assert sorted(g["epoch_order"](e).tolist()) == list(range(16))
+    r = run(["train.py", *args(world, tmp_path / "all", max_steps=1, d_holdout=24)])
+    assert r.returncode != 0 and "--d_holdout=24" in r.stderr and "none would be left" in r.stderr, r.stderr[-2000:]
+
+
 def test_pairs_from_another_teacher_are_refused(world, tmp_path):
     """train.py checks the pairs' teacher fingerprint against the loaded teacher, whatever dtype made the pairs."""
     import json
@@ -122,15 +157,17 @@ def test_resume_equals_uninterrupted(world, tmp_path):
 def test_resume_takes_the_command_s_adam_settings(world, tmp_path):
     """A checkpoint's optimiser state keeps its moments, but the betas and weight decay are the resuming command's
     (a changed default or a new --beta1 is not silently overridden by the checkpoint), and the change is printed."""
-    r = run(["train.py", *args(world, tmp_path, max_steps=1, beta1=0.0)])
+    r = run(["train.py", *args(world, tmp_path, max_steps=1, beta1=0.0, beta1_d=0.0)])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run(["train.py", *args(world, tmp_path, max_steps=2, beta1=0.5)])
+    r = run(["train.py", *args(world, tmp_path, max_steps=2, beta1=0.5, beta1_d=0.3)])
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
-    for name in ("G", "D"):
-        assert f"{name}'s Adam betas (0.0, 0.99)" in r.stdout and "(0.5, 0.99)" in r.stdout, r.stdout[-2000:]
+    for name, new in (("G", "(0.5, 0.99)"), ("D", "(0.3, 0.99)")):
+        assert f"{name}'s Adam betas (0.0, 0.99), weight decay 0.0 in the checkpoint; continuing with this command's " \
+            f"{new}" in r.stdout, \
+            r.stdout[-2000:]
     ckpt = load(tmp_path)
-    for opt in ("opt_g", "opt_d"):
-        assert all(tuple(g["betas"]) == (0.5, 0.99) for g in ckpt[opt]["param_groups"]), opt
+    for opt, betas in (("opt_g", (0.5, 0.99)), ("opt_d", (0.3, 0.99))):
+        assert all(tuple(g["betas"]) == betas for g in ckpt[opt]["param_groups"]), opt
 
 
 def relative_differences(world, a, b):

@@ -229,7 +229,7 @@ def eval_teacher(n=500):
     with open(os.path.join(out_dir, "teacher_metrics.json"), "w") as f:
         json.dump(table, f, indent=2)
     # a grid by threes: a real image with the caption, the teacher at guidance 3, at guidance 1 (same z per caption)
-    from sample import seeded_noise
+    from teacher import seeded_noise
     from PIL import Image
     T = load_teacher(os.path.join(out_dir, "sd"))
     n_obj = [1] * 8 + [2] * 8

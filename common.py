@@ -1,0 +1,35 @@
+"""
+What every script sets up the same way: its processes (plain python, or one per GPU under torchrun) and its
+precision (one autocast per dtype knob). make_pairs.py, train.py, sample.py, eval.py and bench.py start here.
+"""
+import datetime
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def autocast(device, dtype):
+    """The autocast context of a dtype knob: none for float32 (plain fp32 math), else torch.autocast on the device."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
+
+
+def setup_distributed(device, timeout_hours=None):
+    """(ddp, rank, world, device) for this process. torchrun sets RANK: then the process group starts (nccl on
+    GPU, gloo on CPU) and a cuda device becomes this rank's GPU; plain python gives (False, 0, 1, device).
+    timeout_hours: how long a collective waits for the slowest rank (torch's default is 10 minutes for nccl):
+    make_pairs and eval meet only at the end of their work, when a rank with one more shard to make can be an hour
+    behind the others."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if not ddp:
+        return False, 0, 1, device
+    timeout = datetime.timedelta(hours=timeout_hours) if timeout_hours else None
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
