@@ -12,7 +12,7 @@ Compare numbers only within one run on one machine.
 
 onestep, pairs and train use random weights of the SD1.5 shapes (model.py presets and a CLIP-L text tower).
 onestep and pairs cast them to the dtype as an inference user would, so they compare with the diffusers peer
-scripts of ../shared/bench (the design card's targets: one step at most 0.5x diffusers' time, pairs at least 1.3x
+scripts of bench.md (the targets: one step at most 0.5x diffusers' time, pairs at least 1.3x
 its pairs/s). train repeats train.py's step with its defaults (fp32 master weights, autocast, D on 2B + mix-and-
 match fakes, E-LatentLPIPS, G's adversarial term, grad clipping, EMA; R1 timed apart and amortised over its
 interval); its FLOPs are counted once by torch's FLOP counter and MFU divides by --peak_tflops.

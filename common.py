@@ -1,6 +1,6 @@
 """
-What every script sets up the same way: its processes (plain python, or one per GPU under torchrun) and its
-precision (one autocast per dtype knob). make_pairs.py, train.py, sample.py, eval.py and bench.py start here.
+What every script shares: its processes (plain python, or one per GPU under torchrun), its precision (one autocast
+per dtype knob), and images out (PNGs and grids). make_pairs.py, train.py, sample.py, eval.py and bench.py use it.
 """
 import datetime
 import os
@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -33,3 +34,19 @@ def setup_distributed(device, timeout_hours=None):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def to_image(x):
+    """One [3,H,W] float image in [-1,1] (any device or dtype) as an 8-bit PIL image."""
+    return Image.fromarray(((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def image_grid(images, nrow=8):
+    """A grid image of [N,3,H,W] floats in [-1,1] (any device or dtype), nrow images per row, each in a thin frame."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=64)  # the frame, so that tiles do not merge
+    n, c, h, w = x.shape
+    ncol = (n + nrow - 1) // nrow
+    x = torch.cat([x, x.new_zeros(ncol * nrow - n, c, h, w)])  # pad the last row
+    x = x.view(ncol, nrow, c, h, w).permute(0, 3, 1, 4, 2).reshape(ncol * h, nrow * w, c)
+    return Image.fromarray(x.numpy())

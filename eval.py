@@ -1,17 +1,13 @@
 """
-Metrics and the results table. The toy world's numbers are measured with the pixel-space classifier of
-toy/classifier.py (our stand-in for Inception, since no machine of ours can download the real metric networks):
-- fid: an FID-like Fréchet distance between classifier features of the images and of real validation images;
-- acc: attribute accuracy, the share of each caption's attributes that the classifier finds (text alignment);
-- to_teacher: per-sample feature distance to the teacher's image for the same z and caption (the paper's
-  DreamSim-to-teacher column).
-Real SD runs use the field's COCO protocol instead (--coco: clean-fid FID and CLIP score; see the README).
+Metrics and the results table: the toy world's table (toy/metrics.py: an FID-like distance, attribute accuracy,
+distance to the teacher and sharpness, all read by a classifier trained on the toy's images), or, for real teachers
+and their students, the field's COCO protocol (clean-fid FID and CLIP score; see the README).
 
     python eval.py                                   # the teacher rows of the toy table
     python eval.py --ckpt=out/toy/ckpt.pt --out=out/toy/results   # + a student, written as .md and .json
-    python eval.py --sanity=True                     # the metric's floor on real images, and its reactions
+    python eval.py --sanity=True                     # the toy metric's floor on real images, and its reactions
+    torchrun --standalone --nproc_per_node=8 eval.py --coco=coco2014 --ckpt=out/sd15-cfg3/ckpt.pt --out=DIR
 """
-import functools
 import hashlib
 import json
 import os
@@ -20,115 +16,7 @@ import random
 import torch
 from PIL import Image
 
-from toy import shapes
-from toy.classifier import DEFAULT_PATH, attribute_accuracy, blur, features, load_classifier
-
-
-def feature_stats(feats):
-    """Mean [D] and covariance [D,D] (unbiased, like np.cov) of features [N,D], in float64."""
-    f = torch.as_tensor(feats, dtype=torch.float64)
-    d = f - f.mean(0)
-    return f.mean(0), d.T @ d / (len(f) - 1)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), the formula of FID (Heusel et al. 2017):
-        |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
-    sigma1 sigma2 is not symmetric, but it has the same eigenvalues as s sigma2 s with s = sigma1^(1/2), which is
-    symmetric PSD: two eigh calls in float64 replace scipy's sqrtm, and no complex parts appear."""
-    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
-    w, v = torch.linalg.eigh(sigma1)
-    s = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T  # clamp: round-off makes tiny eigenvalues negative
-    m = s @ sigma2 @ s
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_covmean).item()
-
-# -----------------------------------------------------------------------------
-# the toy world
-
-
-@functools.lru_cache(maxsize=None)
-def _classifier(path):
-    return load_classifier(path)
-
-
-@functools.lru_cache(maxsize=None)
-def toy_reference_stats(n_objects=None, n=5000, path=DEFAULT_PATH):
-    """Feature stats of the first n validation images (all, or only 1- or 2-object ones), computed once."""
-    x, _, _ = shapes.make_batch(shapes.val_seeds(n), n_objects)
-    return feature_stats(features(_classifier(path), x))
-
-
-def toy_metrics(images, labels, n_objects=None, n_ref=5000, path=DEFAULT_PATH):
-    """fid and acc of images [N,3,32,32] in [-1,1] made for captions with labels [N,9].
-    n_objects: compare against the 1- or 2-object reference set (the images' captions should match it).
-    Like FID, fid is biased upwards at small N: compare runs at the same N and n_ref only."""
-    model = _classifier(path)
-    mu, sigma = feature_stats(features(model, images))
-    return {"fid": frechet_distance(mu, sigma, *toy_reference_stats(n_objects, n_ref, path)),
-            "acc": attribute_accuracy(model, images, labels)}
-
-
-def hf_power(images, cutoff=0.25):
-    """Mean power of images [N,C,H,W] at spatial frequencies above `cutoff` cycles per pixel (Nyquist is 0.5): what
-    blur removes and a sharp edge has. The ratio of a model's to its teacher's on the same z and captions is the toy's
-    sharpness metric (1 = as sharp as the teacher, below 1 softer), which the classifier's FID-like distance, trained
-    to ignore blur, barely sees."""
-    x = images.float() - images.float().mean((2, 3), keepdim=True)
-    power = torch.fft.fft2(x).abs().square()  # [N, C, H, W]
-    fy, fx = torch.fft.fftfreq(x.shape[2]), torch.fft.fftfreq(x.shape[3])
-    high = (fy[:, None].square() + fx[None, :].square()).sqrt() > cutoff
-    return power[..., high].mean().item()
-
-
-def feature_distance(model, a, b):
-    """Mean cosine distance between the classifier features of paired images a[i], b[i]: our stand-in for the
-    paper's DreamSim-to-the-teacher column (how far the one-step student strays from its teacher per sample)."""
-    fa, fb = features(model, a), features(model, b)
-    return (1 - torch.nn.functional.cosine_similarity(fa, fb, dim=1)).mean().item()
-
-
-@torch.no_grad()
-def toy_table(T, students, n=500, teacher_steps=25, guidance=3.0, seed0=2 * 10**6, batch_size=250, teacher=True):
-    """The toy results: for 1- and 2-object validation captions (fixed seeds, one z per caption), the teacher
-    (DDIM, `teacher_steps` steps, guidance and guidance 1), the teacher in one DDIM step, and each student
-    (name -> function(z, cond) -> latent). Returns {name: {objects: {acc, fid, to_teacher, sharpness}}}, the last
-    two against the first teacher row for the same z and caption; teacher=False leaves the teacher rows out of the
-    table (the first is still made, as the reference)."""
-    from teacher import seeded_noise
-    model = _classifier(DEFAULT_PATH)
-    ref_name = f"teacher, DDIM {teacher_steps} steps, guidance {guidance:g}"
-    rows = {ref_name: lambda z, c, u: T.sample(z, c, u, teacher_steps, guidance),
-            f"teacher, DDIM {teacher_steps} steps, guidance 1": lambda z, c, u: T.sample(z, c, u, teacher_steps, 1.0),
-            f"teacher, DDIM 1 step, guidance {guidance:g}": lambda z, c, u: T.sample(z, c, u, 1, guidance)}
-    rows = rows if teacher else {ref_name: rows[ref_name]}  # the first row is the reference of to_teacher, sharpness
-    rows |= {name: (lambda z, c, u, f=f: f(z, c)) for name, f in students.items()}
-    table = {name: {} for name in rows}
-    for n_objects in (1, 2):
-        _, caps, labels = shapes.make_batch(shapes.val_seeds(n), n_objects)
-        z = seeded_noise(range(seed0, seed0 + n), T.latent_shape(), T.device)
-        for name, fn in rows.items():
-            images = []
-            for i in range(0, n, batch_size):
-                cond, uncond = T.conditions(caps[i:i + batch_size])
-                images.append(T.decode(fn(z[i:i + batch_size], cond, uncond)).cpu())
-            images = torch.cat(images)
-            if name == ref_name:
-                reference, ref_power = images, hf_power(images)
-            table[name][n_objects] = toy_metrics(images, labels, n_objects) | {
-                "to_teacher": feature_distance(model, images, reference), "sharpness": hf_power(images) / ref_power}
-    return table if teacher else {k: v for k, v in table.items() if k != ref_name}
-
-
-def markdown(table, n):
-    cols = [k for k in ("acc", "fid", "to_teacher", "sharpness") if k in next(iter(table.values()))[1]]
-    names = {"acc": "acc", "fid": "FID-like", "to_teacher": "to teacher", "sharpness": "sharpness"}
-    lines = [f"| model ({n} captions per object count) | " + " | ".join(f"{names[c]}, {k} obj." for k in (1, 2)
-                                                                      for c in cols) + " |",
-             "|---" * (1 + 2 * len(cols)) + "|"]
-    for name, r in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k][c]:.3f}" for k in (1, 2) for c in cols) + " |")
-    return "\n".join(lines)
+from common import to_image
 
 
 # -----------------------------------------------------------------------------
@@ -222,7 +110,6 @@ def write_images(make, rows, folder, size, rank=0, world=1, batch_size=16, desc=
     for those rows; with per-index seeds the images do not depend on the rank count or the batch size."""
     from tqdm import tqdm
 
-    from sample import to_image
     os.makedirs(folder, exist_ok=True)
     todo = [i for i in rank_share(len(rows), rank, world) if not os.path.exists(os.path.join(folder, f"{i:06d}.png"))]
     for k in tqdm(range(0, len(todo), batch_size), desc=f"{desc} (rank {rank})", disable=not todo):
@@ -313,7 +200,10 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # coco: the teac
 dtype_g = "float16" if torch.cuda.is_available() else "float32"  # coco: the student's autocast (fp16: see train.py)
 
 def sanity_table():
-    """The metric's own floor and reactions: real validation images (not in the reference set), and damaged ones."""
+    """The toy metric's own floor and reactions: real validation images (not in the reference set), and damaged ones."""
+    from toy import shapes
+    from toy.classifier import blur
+    from toy.metrics import toy_metrics
     # real images that are not in the reference set set the floor; damaged ones show that the metrics react
     n = 1000
     g = torch.Generator().manual_seed(0)
@@ -331,9 +221,13 @@ def sanity_table():
 
 
 def main():
+    """The toy table: the teacher rows, and a row for each --ckpt student."""
+    import toy
     from sample import load_student
-    from teacher import one_step
-    from teacher import load_teacher
+    from teacher import load_teacher, one_step
+    from toy.metrics import markdown, toy_table
+    if out:  # written after minutes of sampling: check the place first
+        check_writable(os.path.dirname(os.path.abspath(out)), "out", out)
     T, students, teachers = None, {}, {}
     for path in [p for p in ckpt.split(",") if p]:
         T, G, cfg = load_student(path)
@@ -342,15 +236,36 @@ def main():
             raise SystemExit(f"--ckpt: the checkpoints name different teachers ({teachers}); evaluate them apart")
         students[f"student {path} (EMA, 1 step)"] = (lambda z, c, G=G, cfg=cfg, T=T: one_step(
             G, z, c, T.alphas_cumprod, T.prediction_type, cfg["t_G"], cfg["g_param"]))
-    T = T or load_teacher("toy/weights/sd")
+    T = T or load_teacher(toy.TEACHER)
     table = toy_table(T, students, n, teacher_steps, guidance)
     md = markdown(table, n)
     print(md)
     if out:
-        with open(out + ".md", "w") as f:
-            f.write(md + "\n")
-        with open(out + ".json", "w") as f:
-            json.dump(table, f, indent=2)
+        write_text(out + ".md", md + "\n")
+        write_text(out + ".json", json.dumps(table, indent=2))
+
+
+def check_writable(folder, knob, value=None):
+    """Create folder (and its parents) and write a file in it, or stop with one line naming the knob (--knob=value)."""
+    probe = os.path.join(folder, f".write-test.{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        what = "this folder" if value is None else f"its folder {folder}"
+        why = "a file is where a folder must be" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise SystemExit(f"--{knob}={value or folder}: cannot create or write {what} ({why}: {e.filename or folder}); "
+                         f"choose a --{knob} in a writable place") from None
+
+
+def write_text(path, text):
+    """Atomic text write: a temporary name (this process's own), then a rename."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def coco_main():
@@ -359,10 +274,8 @@ def coco_main():
     import torch.distributed as dist
 
     from common import autocast, setup_distributed
-    from make_pairs import hash_weights, teacher_fingerprint
     from sample import load_student
-    from teacher import one_step, seeded_noise
-    from teacher import load_teacher
+    from teacher import hash_weights, load_teacher, one_step, seeded_noise
     if coco not in COCO:
         raise SystemExit(f"--coco={coco!r}: choose coco2014 or coco2017")
     if bool(ckpt) == bool(teacher) or "," in ckpt:
@@ -385,6 +298,7 @@ def coco_main():
         need("cleanfid.fid", "clean-fid", "FID")
     if "clip" in metrics:
         need("open_clip", "open_clip_torch", "The CLIP score")
+    check_writable(out, "out")  # the results are written last: a folder that cannot take them must stop us first
     ddp, rank, world, dev = setup_distributed(device, timeout_hours=24)  # ranks meet once, when all images exist
     N = coco_n or n_default
     rows = coco_captions(cap_path, N, coco_seed)
@@ -406,7 +320,7 @@ def coco_main():
 
     images, ref = os.path.join(out, "images"), ref_dir or os.path.join(coco_dir, f"{coco}-{N}-{size}px-seed{coco_seed}")
     draw = dict(protocol=coco, captions=N, coco_seed=coco_seed, image_size=size)
-    h = hashlib.sha256(teacher_fingerprint(T).encode())  # the weights that make the images: teacher, VAE, student
+    h = hashlib.sha256(T.fingerprint().encode())  # the weights that make the images: teacher, VAE, student
     hash_weights(h, "vae", T.vae)
     if ckpt:
         hash_weights(h, "student", G)
@@ -432,14 +346,11 @@ def coco_main():
             res["fid"] = clean_fid(images, ref, inception, dev)
         if "clip" in metrics:
             res["clip"] = clip_score(images, [r["caption"] for r in rows], *load_clip(clip, dev), dev)
-        with open(os.path.join(out, "captions.json"), "w") as f:  # the exact captions and images, recorded
-            json.dump(rows, f)
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(res, f, indent=2)
+        write_text(os.path.join(out, "captions.json"), json.dumps(rows))  # the exact captions and images, recorded
+        write_text(os.path.join(out, "results.json"), json.dumps(res, indent=2))
         md = (f"| model | sampler | {coco} FID-{N // 1000}k | CLIP score |\n|---|---|---|---|\n| {res['model']} | "
               f"{res['sampler']} | {res.get('fid', float('nan')):.2f} | {res.get('clip', float('nan')):.4f} |")
-        with open(os.path.join(out, "results.md"), "w") as f:
-            f.write(md + "\n")
+        write_text(os.path.join(out, "results.md"), md + "\n")
         print(md)
     if ddp:
         dist.destroy_process_group()

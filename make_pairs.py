@@ -119,6 +119,15 @@ def read_index(folder):
     return index
 
 
+def pairs_complete(folder):
+    """Whether folder holds a finished make_pairs run: its index and every shard it lists."""
+    try:
+        s = read_index(folder)["settings"]
+    except (FileNotFoundError, ValueError):
+        return False
+    return all(os.path.exists(os.path.join(folder, shard_name(k))) for k in range(-(-s["num_pairs"] // s["shard_size"])))
+
+
 class PairDataset(torch.utils.data.Dataset):
     """The (z, x, prompt) pairs of a make_pairs folder, a map-style Dataset. Shards are memory-mapped with safetensors
     and only the requested pair is read, so a 100 GB folder costs no memory. Open files are cached per process
@@ -202,8 +211,14 @@ def read_prompts(path):
     """The prompts of a .txt, .jsonl or COCO-captions .json file, in file order, stripped of surrounding whitespace."""
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} not found (set --prompts=a .txt, .jsonl or COCO captions .json)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # e.g. latin-1 or cp1252 from an old export: guessing would change prompts
+        row = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{row}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the prompt file as UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8 {path} > prompts-utf8.txt") from None
     if path.endswith(".jsonl"):
         out = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -252,28 +267,6 @@ def file_sha256(path):
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
-    return h.hexdigest()
-
-
-def hash_weights(h, name, module, dtype=None):
-    """Feed a module's weights (names, dtypes, shapes, bytes; cast to dtype if given) into the hash h."""
-    for k, v in module.state_dict().items():
-        v = v.detach().to(dtype or v.dtype)
-        h.update(f"{name}.{k} {v.dtype} {tuple(v.shape)}".encode())
-        h.update(v.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
-
-
-def teacher_fingerprint(t, dtype=None):
-    """sha256 of everything that decides the pairs: UNet and text-encoder weights (names, dtypes, shapes, bytes),
-    the tokenizers' vocabularies and lengths, the noise schedule and the prediction type. Not the VAE, not file paths:
-    the same teacher moved or converted to another layout has the same fingerprint. dtype: hash the weights as cast
-    to it (train.py holds the teacher in fp32 and checks it against pairs made in fp16)."""
-    h = hashlib.sha256()
-    for name, m in [("unet", t.unet)] + [(f"text_encoder{i}", e) for i, e in enumerate(t.text_encoders)]:
-        hash_weights(h, name, m, dtype)
-    for tok in t.tokenizers:
-        h.update(json.dumps([sorted(tok.get_vocab().items()), tok.model_max_length, tok.pad_token_id]).encode())
-    h.update(t.alphas_cumprod.numpy().tobytes() + f"{t.prediction_type} {t.steps_offset}".encode())
     return h.hexdigest()
 
 
@@ -332,7 +325,7 @@ def main(**overrides):
 
     # the index: rank 0 records the settings, or checks them against the earlier run, and lists the missing shards
     S, num_shards = c.shard_size, -(-n // c.shard_size)
-    settings = dict(teacher_fingerprint=teacher_fingerprint(t) if master else None, prediction_type=t.prediction_type,
+    settings = dict(teacher_fingerprint=t.fingerprint() if master else None, prediction_type=t.prediction_type,
                     prompts_sha256=file_sha256(c.prompts), num_prompts=len(prompt_list), num_pairs=n,
                     guidance=c.guidance, steps=c.steps, spacing=c.spacing, steps_offset=t.steps_offset,
                     resolution=res, latent_shape=list(shape), negative_prompt=c.negative_prompt, seed=c.seed,

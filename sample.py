@@ -4,6 +4,7 @@ One-step text-to-image with a Diffusion2GAN student: prompt -> z -> one UNet cal
     python sample.py --ckpt=out/toy/ckpt.pt --prompt="a large blue square on the left on a white background"
     python sample.py --ckpt=out/toy/ckpt.pt --prompts=captions.txt --out_dir=out/samples --with_teacher=True
     python sample.py --ckpt=out/toy/ckpt.pt --export=out/toy/student_unet    # the student as a diffusers UNet folder
+    python sample.py --ckpt=out/toy/ckpt.pt --export=out/toy/student.safetensors  # or as one original-layout file
 
 The checkpoint's config names the teacher (for the text encoder, VAE and noise schedule) and G's parameterisation.
 An exported student runs in diffusers as one DDIM step from t=999 that lands exactly on x0 (set_alpha_to_one=True;
@@ -15,34 +16,88 @@ the default False would add sqrt(1 - alpha_bar_0) = 0.029 of the predicted noise
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
     image = pipe(prompt, latents=z, num_inference_steps=1, guidance_scale=1.0).images[0]
 
-(tests/test_sample.py checks that this gives our latents within 1e-4; it holds for g_param='teacher'.)
+A .safetensors export is the single file of A1111, ComfyUI and civitai (the student UNet under
+model.diffusion_model., the teacher's VAE and text encoder(s) beside it); in diffusers it is
+StableDiffusionPipeline.from_single_file(path, config=teacher_folder) (StableDiffusionXLPipeline for SDXL), with the
+same scheduler line; in other tools, one sampler step from t=999 (sigma_max) to 0 at CFG 1 (not tested: only
+diffusers runs in our tests). tests/test_sample.py and tests/test_export.py check both exports against our latents
+within 1e-4; it holds for g_param='teacher'.
 """
 import os
 import time
 
 import torch
-from PIL import Image
 
-from common import autocast
+from common import autocast, image_grid, to_image
 from teacher import one_step, seeded_noise
 
 
-def to_image(x):
-    """One [3,H,W] float image in [-1,1] as an 8-bit PIL image."""
-    return Image.fromarray(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+def teacher_of(cfg):
+    """The teacher a train.py config names, with 'toy' resolved to the toy world's committed folder."""
+    if cfg["teacher"] == "toy":
+        import toy
+        return toy.TEACHER
+    return cfg["teacher"]
 
 
 def load_student(ckpt_path, device="cpu", ema=True):
-    """(teacher, G, config) from a train.py checkpoint: the teacher it names (text encoder, VAE, schedule) and G
-    (its EMA weights by default) in eval mode."""
+    """(teacher, G, config) from a train.py checkpoint (a path, or the checkpoint already read): the teacher it names
+    (text encoder, VAE, schedule) and G (its EMA weights by default) in eval mode."""
     import model
     from teacher import load_teacher
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    from weights import load_checkpoint
+    if isinstance(ckpt_path, str) and not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint (--ckpt= a train.py checkpoint: out_dir/ckpt.pt)")
+    ckpt = load_checkpoint(ckpt_path) if isinstance(ckpt_path, str) else ckpt_path
     cfg = ckpt["config"]
-    T = load_teacher("toy/weights/sd" if cfg["teacher"] == "toy" else cfg["teacher"], device)
+    cfg["teacher"] = teacher_of(cfg)
+    T = load_teacher(cfg["teacher"], device)
     G = model.UNet(model.UNetConfig(**ckpt["unet_config"]))
     G.load_state_dict(ckpt["ema" if ema else "G"])
     return T, G.to(device).eval().requires_grad_(False), cfg
+
+
+def check_export_target(path, teacher, force):
+    """Refuse an existing file or a non-empty folder unless force, and anything inside the teacher's own folder (or
+    its single file) even with force: an export must never overwrite the weights it was distilled from."""
+    real, home = os.path.realpath(path), os.path.realpath(teacher)
+    if os.path.exists(teacher) and os.path.commonpath([real, home]) == home:
+        raise SystemExit(f"--export={path}: is inside the teacher {teacher}, which an export never writes into "
+                         "(not even with --force=True); export somewhere else")
+    if path.endswith((".ckpt", ".pt", ".pth", ".bin")):
+        raise SystemExit(f"--export={path}: we write single files as .safetensors only (loading a pickle can run "
+                         "code); name it .safetensors")
+    single = path.endswith(".safetensors")
+    if os.path.isdir(path) if single else os.path.isfile(path):
+        raise SystemExit(f"--export={path}: is a {'folder' if single else 'file'}; a name ending in .safetensors "
+                         "writes one file, any other a diffusers UNet folder: choose another path")
+    if not force and (os.path.isfile(path) or os.path.isdir(path) and os.listdir(path)):
+        raise SystemExit(f"--export={path}: already exists" + ("" if single else " and is not empty")
+                         + "; choose another path, or add --force=True to replace what is there")
+
+
+def export_student(ckpt_path, path, force=False):
+    """Write the EMA student of a train.py checkpoint to path: one original-layout .safetensors, or a diffusers UNet
+    folder."""
+    from teacher import save_single_file
+    from weights import load_checkpoint, save_pretrained
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"--ckpt={ckpt_path}: no such checkpoint (a train.py checkpoint: out_dir/ckpt.pt)")
+    ck = load_checkpoint(ckpt_path)
+    c = ck["config"]
+    if c["t_G"] != 999 or c["g_param"] != "teacher":  # the diffusers recipe reads t=999 and eps (or v)
+        raise SystemExit(f"{ckpt_path}: a student trained with t_G={c['t_G']}, g_param={c['g_param']!r} does not "
+                         "run as diffusers' one DDIM step (that needs t_G=999, g_param='teacher'); sample it here")
+    check_export_target(path, teacher_of(c), force)  # before the teacher is loaded: a refusal costs nothing
+    T, G, _ = load_student(ck, "cpu")
+    if path.endswith(".safetensors"):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_single_file(T, G, path, {"sampler": "one step at t=999: DDIM with set_alpha_to_one=True, CFG 1"})
+        print(f"wrote the student to {path} (one original-layout file: the student UNet with the teacher's VAE and "
+              "text encoders; see this file's docstring)")
+    else:
+        save_pretrained(G, path)
+        print(f"wrote the student to {path} (diffusers UNet2DConditionModel; see this file's docstring)")
 
 
 # -----------------------------------------------------------------------------
@@ -62,22 +117,18 @@ dtype = "float16" if torch.cuda.is_available() else "float32"  # the student's a
 # eps x14.6, and bf16's rounding of eps would show; train.py's dtype_g)
 compile = False  # torch.compile the student (worth it on a GPU for many batches)
 compile_mode = "default"  # or "reduce-overhead": CUDA graphs, for small launch-bound batches (README: Speed)
-export = ""  # instead of sampling: write the student (EMA) here as a diffusers UNet folder
+export = ""  # instead of sampling: write the student (EMA) here, as a diffusers UNet folder or (.safetensors) one
+# original-layout file with the teacher's VAE and text encoders, for A1111, ComfyUI, diffusers' from_single_file
+force = False  # --export may replace an existing file or write into a non-empty folder (never the teacher's)
 
 if __name__ == "__main__":
     from configurator import configure
     configure(globals())
     from make_pairs import read_prompts
-    from toy.shapes import to_pil
-    T, G, cfg = load_student(ckpt, device)
     if export:
-        if cfg["t_G"] != 999 or cfg["g_param"] != "teacher":  # the diffusers recipe reads t=999 and eps (or v)
-            raise SystemExit(f"{ckpt}: a student trained with t_G={cfg['t_G']}, g_param={cfg['g_param']!r} does not "
-                             "run as diffusers' one DDIM step (that needs t_G=999, g_param='teacher'); sample it here")
-        from model import save_pretrained
-        save_pretrained(G, export)
-        print(f"wrote the student to {export} (diffusers UNet2DConditionModel; see this file's docstring)")
+        export_student(ckpt, export, force)
         raise SystemExit(0)
+    T, G, cfg = load_student(ckpt, device)
     texts = [prompt] if prompt else read_prompts(prompts)
     texts = [p for p in texts for _ in range(n)]
     res = resolution or T.resolution
@@ -100,7 +151,7 @@ if __name__ == "__main__":
     for i, img in enumerate(images):
         to_image(img).save(os.path.join(out_dir, f"{i:05d}.png"))
     if with_teacher:
-        to_pil(torch.stack([images, torch.cat(teacher_images)], 1).flatten(0, 1), nrow=8).save(
+        image_grid(torch.stack([images, torch.cat(teacher_images)], 1).flatten(0, 1), nrow=8).save(
             os.path.join(out_dir, "student_vs_teacher.png"))
     print(f"{len(images)} images in {dt:.2f}s ({len(images) / dt:.1f} images/s"
           + (", teacher included" if with_teacher else "") + f") -> {out_dir}")

@@ -7,12 +7,13 @@ classifier-free guidance that turns (noise z, prompt) into the latent x that the
     cond, uncond = teacher.conditions(prompts, 512, 512)          # UNet-ready dicts: context (+ pooled, time_ids)
     x = teacher.sample(z, cond, uncond, steps=50, guidance=3.0)   # DDIM from x_T = z, trailing spacing
 
-The text conditioning is exactly what the reference pipelines feed the UNet (sd-reference.md A3): SD1.x and SD2.x
+The text conditioning is exactly what the reference pipelines feed the UNet: SD1.x and SD2.x
 take the last hidden state of their (stored-penultimate, for SD2) CLIP text encoder; SDXL concatenates the
 penultimate hidden states of both encoders (no final LayerNorm) and adds the pooled, projected bigG vector and six
-size/crop numbers. The sampler math follows diffusers' DDIMScheduler (A5) except for one bug we do not copy: the
+size/crop numbers. The sampler math follows diffusers' DDIMScheduler except for one bug we do not copy: the
 previous timestep is the next entry of the timestep list, not t - 1000 // steps.
 """
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from model import hub_snapshot, ldm_family, load_unet, load_vae, read_checkpoint, weight_files
+from weights import (check_safetensors, hub_snapshot, ldm_family, load_unet, load_vae, read_checkpoint, to_ldm,
+                     unet_key_to_ldm, vae_key_to_ldm, weight_files, write_safetensors)
 
 # -----------------------------------------------------------------------------
 # noise schedule, parameterisations and the sampler (pure functions)
@@ -61,7 +63,7 @@ def predict_x0(out, x_t, t, alphas_cumprod, prediction_type):
 
 
 def ddim_timesteps(steps, spacing="trailing", steps_offset=1, num_train_timesteps=1000):
-    """The descending timesteps of a `steps`-step sampler, as diffusers spaces them (A5): 'trailing' starts at T-1
+    """The descending timesteps of a `steps`-step sampler, as diffusers spaces them: 'trailing' starts at T-1
     (999, so x_T = z is pure noise at the top of the schedule), 'leading' at (steps-1)*(T//steps) + steps_offset,
     'linspace' spreads T-1..0 evenly. (diffusers' float arange gives 'trailing' an extra step for some N: 61, 103...)"""
     T = num_train_timesteps
@@ -215,6 +217,27 @@ class Teacher:
         """UNet-space latents -> images in [-1, 1] (the VAE sees latent / scaling_factor)."""
         return self.vae.decode(x.to(self.vae.post_quant_conv.weight.dtype) / self.vae.cfg.scaling_factor).float()
 
+    def fingerprint(self, dtype=None):
+        """sha256 of everything that decides the pairs: UNet and text-encoder weights (names, dtypes, shapes, bytes),
+        the tokenizers' vocabularies and lengths, the noise schedule and the prediction type. Not the VAE, not file
+        paths: the same teacher moved or converted to another layout has the same fingerprint. dtype: hash the weights
+        as cast to it (train.py holds the teacher in fp32 and checks it against pairs made in fp16)."""
+        h = hashlib.sha256()
+        for name, m in [("unet", self.unet)] + [(f"text_encoder{i}", e) for i, e in enumerate(self.text_encoders)]:
+            hash_weights(h, name, m, dtype)
+        for tok in self.tokenizers:
+            h.update(json.dumps([sorted(tok.get_vocab().items()), tok.model_max_length, tok.pad_token_id]).encode())
+        h.update(self.alphas_cumprod.numpy().tobytes() + f"{self.prediction_type} {self.steps_offset}".encode())
+        return h.hexdigest()
+
+
+def hash_weights(h, name, module, dtype=None):
+    """Feed a module's weights (names, dtypes, shapes, bytes; cast to dtype if given) into the hash h."""
+    for k, v in module.state_dict().items():
+        v = v.detach().to(dtype or v.dtype)
+        h.update(f"{name}.{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+
 
 # -----------------------------------------------------------------------------
 # loading: a diffusers pipeline folder, a hub id, or an original single file (+ a tokenizer folder or hub id)
@@ -244,13 +267,16 @@ def load_tokenizers(path, n):
     return [CLIPTokenizer.from_pretrained(os.path.join(path, s)) for s in subs]
 
 
+OPENCLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                  "attn.out_proj": "self_attn.out_proj", "token_embedding": "embeddings.token_embedding",
+                  "ln_final": "final_layer_norm", "transformer.resblocks": "encoder.layers"}  # OpenCLIP -> HF
+
+
 def clip_from_state(sd, source, tokenizer, openclip, projection=False, drop_last=False):
     """A transformers CLIP text model from a text-encoder state dict in HF naming (SD1, SDXL's first encoder) or in
-    OpenCLIP naming (SD2, SDXL's bigG, converted per A4). The config comes from the tensor shapes; heads are 64 wide
+    OpenCLIP naming (SD2, SDXL's bigG, converted by rule). The config comes from the tensor shapes; heads are 64 wide
     in every SD text encoder (CLIP-L 12, OpenCLIP-H 16, bigG 20)."""
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-             "attn.out_proj": "self_attn.out_proj", "token_embedding": "embeddings.token_embedding",
-             "ln_final": "final_layer_norm", "transformer.resblocks": "encoder.layers"}
+    names = OPENCLIP_NAMES
     out = {}
     for k, v in sd.items():
         k = k.removeprefix("text_model.")
@@ -288,6 +314,68 @@ def clip_from_state(sd, source, tokenizer, openclip, projection=False, drop_last
     except RuntimeError as e:
         raise ValueError(f"{source}: the text encoder does not fit a CLIP text model: {str(e)[:600]}") from None
     return model
+
+
+def clip_to_state(model, openclip, add_last=False):
+    """The inverse of clip_from_state: a transformers CLIP text model's weights in single-file naming, HF's
+    (text_model.*, with the position_ids buffer the original files carry) or OpenCLIP's (fused q, k, v rows; the
+    projection as P, not P^T). add_last: append the last layer that SD2 files hold and SD2 does not read (drop_last)."""
+    sd = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    if not openclip:
+        ids = torch.arange(sd["embeddings.position_embedding.weight"].shape[0])[None]
+        return {"text_model." + k: v for k, v in sd.items()} | {"text_model.embeddings.position_ids": ids}
+    out = {}
+    for k, v in sd.items():
+        if k == "embeddings.position_embedding.weight":
+            k = "positional_embedding"
+        elif k == "text_projection.weight":
+            k, v = "text_projection", v.t()
+        for a, b in OPENCLIP_NAMES.items():
+            k = re.sub(rf"(^|\.){re.escape(b)}\.", rf"\g<1>{a}.", k)
+        if m := re.fullmatch(r"(.*)\.self_attn\.([qkv])_proj\.(weight|bias)", k):  # fused in q, k, v order
+            out.setdefault(f"{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = v
+            continue
+        out[k] = v
+    out = {k: torch.cat([v[c] for c in "qkv"]) if isinstance(v, dict) else v for k, v in out.items()}
+    if add_last:  # no copy of the dropped layer is kept, so write zeros: a residual block with zero weights is the
+        # identity, so a tool that reads the last layer (not SD2's penultimate) gets the same features too
+        last = max(int(k.split(".")[2]) for k in out if k.startswith("transformer.resblocks."))
+        block = f"transformer.resblocks.{last}."
+        out |= {k.replace(block, f"transformer.resblocks.{last + 1}."): torch.zeros_like(v)
+                for k, v in out.items() if k.startswith(block)}
+    return out
+
+
+def single_file_state(teacher, unet):
+    """The original single-file (LDM) state dict of `unet` with the teacher's VAE and text encoders, in the layout
+    load_teacher reads (and A1111, ComfyUI and diffusers' from_single_file): the inverse of its single-file branch.
+    An OpenCLIP text encoder (gelu, as clip_from_state builds it) is SD2's; two encoders are SDXL's."""
+    sd = to_ldm(unet.state_dict(), "model.diffusion_model.", unet_key_to_ldm, unet.cfg)
+    sd |= to_ldm(teacher.vae.state_dict(), "first_stage_model.", vae_key_to_ldm, teacher.vae.cfg)
+    te = teacher.text_encoders
+    if teacher.xl:
+        parts = {"conditioner.embedders.0.transformer.": clip_to_state(te[0], False),
+                 "conditioner.embedders.1.model.": clip_to_state(te[1], True)}
+    elif te[0].config.hidden_act == "gelu":
+        parts = {"cond_stage_model.model.": clip_to_state(te[0], True, add_last=True)}
+    else:
+        parts = {"cond_stage_model.transformer.": clip_to_state(te[0], False)}
+    for prefix, part in parts.items():
+        sd |= {prefix + k: v for k, v in part.items()}
+    return sd
+
+
+def save_single_file(teacher, unet, path, metadata=None):
+    """Write single_file_state to path (.safetensors), atomically."""
+    write_safetensors(single_file_state(teacher, unet), path, metadata)
+
+
+def check_folder_weights(folder):
+    """Read the headers of a model folder's safetensors files: a file cut short then stops the load with its name,
+    not with transformers' traceback deep in the loading code."""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            check_safetensors(os.path.join(folder, name))
 
 
 def load_teacher(path, device="cpu", dtype=torch.float32, tokenizer=None, prediction_type=None, variant=None,
@@ -334,6 +422,8 @@ def load_teacher(path, device="cpu", dtype=torch.float32, tokenizer=None, predic
         xl = os.path.isdir(os.path.join(root, "text_encoder_2"))
         tokenizers = load_tokenizers(tokenizer or root, 2 if xl else 1)
         kw = dict(variant=variant) if variant else {}
+        for sub in ["text_encoder", "text_encoder_2"][:1 + xl]:
+            check_folder_weights(os.path.join(root, sub))
         encoders = [CLIPTextModel.from_pretrained(os.path.join(root, "text_encoder"), **kw)]
         if xl:
             encoders.append(CLIPTextModelWithProjection.from_pretrained(os.path.join(root, "text_encoder_2"), **kw))

@@ -14,18 +14,16 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # config: every knob, with the default of the embedded toy run (python train.py --help lists them)
 # I/O
 out_dir = "out/toy"  # checkpoints, sample grids, log and metrics
-teacher = "toy"  # 'toy' = toy/weights/sd; else a diffusers folder, single file or hub id (see teacher.py)
+teacher = "toy"  # 'toy' = the toy world's (toy/weights/sd); else a diffusers folder, single file or hub id
 pairs = "pairs/toy"  # a make_pairs.py folder; for the toy it is made here when missing
 toy_pairs = 4000  # toy only: how many pairs to make (one per training caption)
 d_holdout = 64  # the folder's last pairs, never trained on: D's score on them is logged (an overfitting D scores
@@ -88,19 +86,32 @@ from configurator import configure  # noqa: E402
 
 config = configure(globals())
 import losses  # noqa: E402  (after the knobs so that --help is instant)
+from common import DTYPES, autocast, image_grid, setup_distributed  # noqa: E402
 from discriminator import Discriminator  # noqa: E402
-from common import DTYPES, autocast, setup_distributed  # noqa: E402
-from make_pairs import PairDataset, teacher_fingerprint  # noqa: E402
+from make_pairs import PairDataset, pairs_complete  # noqa: E402
 from teacher import load_teacher, one_step, seeded_noise  # noqa: E402
+from weights import load_checkpoint, save_checkpoint  # noqa: E402
 
-TOY_TEACHER, TOY_LPIPS = "toy/weights/sd", "toy/weights/toy_latest_vgg16_tuned.safetensors"
-TOY_PIXEL_VGG = "toy/weights/toy_pixel_vgg16.safetensors"
+toy = teacher == "toy"  # the embedded default: the toy world's committed models, pairs made here, metrics at the end
+if toy:
+    from toy import LPIPS as TOY_LPIPS, PIXEL_VGG as TOY_PIXEL_VGG, TEACHER as TOY_TEACHER, TEACHER_METRICS, shapes
+if lpips == "toy" and not toy and regression in ("latent-lpips", "e-latent-lpips"):
+    raise SystemExit(f"--lpips=toy is the toy world's LatentLPIPS: with --teacher={teacher} give sd15, sd21, sdxl or a file")
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK; plain python runs the same lines with world = 1
+for knob, b1 in (("lr_g", beta1), ("lr_d", beta1_d)):  # Adam's first step is lr / (1 - beta1): float32 must hold it
+    if not 0 <= globals()[knob] / (1 - b1) < torch.finfo(torch.float32).max:
+        raise SystemExit(f"--{knob}={globals()[knob]}: Adam's first step, lr / (1 - beta1), must be a float32 number "
+                         "and not negative")
+for knob in ("batch_size", "grad_accum", "max_steps", "log_interval", "ckpt_interval", "sample_interval", "r1_interval"):
+    if globals()[knob] < 1:
+        raise SystemExit(f"--{knob}={globals()[knob]}: must be at least 1")
 ddp, rank, world, device = setup_distributed(device)  # nccl on GPU (one per rank), gloo on CPU
 master = rank == 0
-assert batch_size % (world * grad_accum) == 0, f"batch_size {batch_size} must divide by world * grad_accum"
+if batch_size % (world * grad_accum):
+    raise SystemExit(f"--batch_size={batch_size} must divide by the number of processes ({world}) x "
+                     f"--grad_accum={grad_accum}")
 micro = batch_size // (world * grad_accum)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 ptdtype, ptdtype_g = DTYPES[dtype], DTYPES[dtype_g]
@@ -112,18 +123,17 @@ if master:
 
 # -----------------------------------------------------------------------------
 # the frozen teacher (text encoder, VAE, UNet) and the pairs
-toy = teacher == "toy"
 if toy and not os.path.exists(TOY_TEACHER):
     raise SystemExit(f"{TOY_TEACHER} is missing: run `python -m toy.build` to train the toy world")
 T = load_teacher(TOY_TEACHER if toy else teacher, device, torch.float32)  # fp32: autocast handles precision
-if toy and not os.path.exists(os.path.join(pairs, "index.json")):
-    if master:  # rank 0 makes the toy pairs (seconds to minutes on a CPU), the others wait
+if toy and not pairs_complete(pairs):  # made here, or finished here after an interruption (make_pairs resumes)
+    if master:  # rank 0 makes the toy pairs (minutes on a CPU), the others wait
         import make_pairs
-        from toy import shapes
         prompt_file = pairs.rstrip("/") + "-prompts.txt"
         os.makedirs(os.path.dirname(prompt_file) or ".", exist_ok=True)
-        with open(prompt_file, "w") as f:  # training captions, one per pair
+        with open(prompt_file + ".tmp", "w") as f:  # training captions, one per pair (the same text every time)
             f.writelines(shapes.sample(i)[1] + "\n" for i in range(toy_pairs))
+        os.replace(prompt_file + ".tmp", prompt_file)
         make_pairs.main(prompts=prompt_file, out_dir=pairs, teacher=TOY_TEACHER, steps=pair_steps,
                         guidance=pair_guidance, batch_size=250, shard_size=1000, device=device.split(":")[0],
                         dtype="float32", latent_dtype="float32", onednn=True)  # oneDNN: 1.5x faster on CPU
@@ -131,7 +141,7 @@ if toy and not os.path.exists(os.path.join(pairs, "index.json")):
         dist.barrier()
 data = PairDataset(pairs)
 made_by = data.index["settings"]["teacher_fingerprint"]  # pairs from another teacher would train G on the wrong task
-if made_by != teacher_fingerprint(T, DTYPES[data.index["settings"]["dtype"]]):
+if made_by != T.fingerprint(DTYPES[data.index["settings"]["dtype"]]):
     raise SystemExit(f"{pairs}/index.json: these pairs were made by another teacher than --teacher={teacher} "
                      "(its UNet, text encoder, tokenizer or schedule differ): make pairs with this teacher, or train "
                      "with the teacher that made them")
@@ -203,10 +213,15 @@ adamw = functools.partial(torch.optim.AdamW, weight_decay=weight_decay,
 opt_g = adamw(G.parameters(), lr=lr_g, betas=(beta1, beta2))
 opt_d = adamw(D.parameters(), lr=lr_d, betas=(beta1_d, beta2_d)) if gan else None
 
-step = 0
+step, saved_step = 0, None  # saved_step: the step of the last checkpoint written or resumed from
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if resume and os.path.exists(ckpt_path):
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:  # a damaged checkpoint stops the run before anything is written: it is never replaced by a fresh start
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as e:
+        fix = (f"mv {ckpt_path}.prev {ckpt_path} goes on from the one before" if os.path.exists(ckpt_path + ".prev")
+               else "delete it to start over, or set a new --out_dir")
+        raise SystemExit(f"{e}. {fix}") from None
     G.load_state_dict(ckpt["G"])
     ema.load_state_dict(ckpt["ema"])
     opt_g.load_state_dict(ckpt["opt_g"])
@@ -220,7 +235,7 @@ if resume and os.path.exists(ckpt_path):
                 print(f"resume: {name}'s Adam betas {tuple(group['betas'])}, weight decay {group['weight_decay']} in "
                       f"the checkpoint; continuing with this command's {betas}, {weight_decay}")
             group["betas"], group["weight_decay"] = betas, weight_decay
-    step = ckpt["step"]
+    step = saved_step = ckpt["step"]
     if "scaler" in ckpt and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
     if master:
@@ -261,8 +276,8 @@ def mixed_fakes(j, n):
     return math.floor(round(j * mix_match * n, 6))
 
 
-def save_checkpoint():
-    """Everything needed to resume, written to a temporary name and renamed: a crash never leaves a half file.
+def checkpoint():
+    """Everything needed to resume (weights.save_checkpoint: checksummed, atomic, the previous one kept beside it).
     No RNG state is needed: every random draw of step s comes from a generator seeded by (seed, s, rank)."""
     ckpt = {"G": raw_G.state_dict(), "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "step": step,
             "config": config, "unet_config": {k: list(v) if isinstance(v, tuple) else v
@@ -271,17 +286,12 @@ def save_checkpoint():
         ckpt |= {"D": raw_D.state_dict(), "opt_d": opt_d.state_dict()}
     if scaler.is_enabled():  # fp16's loss scale, so that a resumed fp16 run continues exactly
         ckpt["scaler"] = scaler.state_dict()
-    with open(ckpt_path + ".tmp", "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty ckpt.pt
-    os.replace(ckpt_path + ".tmp", ckpt_path)
+    save_checkpoint(ckpt, ckpt_path)
 
 
 # -----------------------------------------------------------------------------
 # fixed samples for the grid: validation prompts (toy) and seeded noise, the teacher's output computed once
 if toy:
-    from toy import shapes
     grid_prompts = [shapes.sample(s, n_objects=1 + (i >= 8))[1] for i, s in enumerate(shapes.val_seeds(16))]
 else:
     grid_prompts = ["a photo of a cat", "a red car parked on a street", "a bowl of fruit on a wooden table",
@@ -317,8 +327,7 @@ def sample_grid(path):
     """Student (EMA) beside teacher for the same z and prompt, decoded with the VAE outside the training step."""
     student = T.decode(generate(ema, grid_z, grid_cond))
     pairs_ = torch.stack([student, grid_teacher], 1).flatten(0, 1)  # student, teacher, student, teacher, ...
-    from toy.shapes import to_pil
-    to_pil(pairs_, nrow=8).save(path)
+    image_grid(pairs_, nrow=8).save(path)
     with open(path.rsplit(".", 1)[0] + ".txt", "w") as f:
         f.write("left: one-step student (EMA), right: teacher, same z and prompt\n")
         f.writelines(f"{i}: {p}\n" for i, p in enumerate(grid_prompts))
@@ -333,7 +342,15 @@ if master and tensorboard:
 if master and wandb_project:
     import wandb
     run = wandb.init(project=wandb_project, config=config)
-log_file = open(os.path.join(out_dir, "log.txt"), "a") if master else None
+log_path = os.path.join(out_dir, "log.txt")
+if master and step and os.path.exists(log_path):  # a resumed run: drop what the stopped run logged past its checkpoint
+    lines = open(log_path).read().splitlines(keepends=True)
+    past = next((i for i, l in enumerate(lines) if l.startswith("step ") and int(l[5:].split()[0].rstrip(":")) > step),
+                len(lines))
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(lines[:past] + [f"resumed from {ckpt_path} at step {step}\n"])
+    os.replace(log_path + ".tmp", log_path)
+log_file = open(log_path, "a") if master else None
 
 
 def log(line, scalars=None):
@@ -349,10 +366,28 @@ def log(line, scalars=None):
         run.log(scalars, step=step)
 
 
+def nonfinite_weight(net):
+    """The first tensor of net whose fp32 norm is not finite, as 'name: norm', else None. The norm overflows for weights
+    beyond about 1e19, far past any that a network still runs with."""
+    params = [(k, p) for k, p in net.named_parameters()]
+    norms = torch.stack(torch._foreach_norm([p.detach() for _, p in params]))
+    if torch.isfinite(norms).all():
+        return None
+    i = int((~torch.isfinite(norms)).nonzero()[0])
+    return f"{params[i][0]}: norm {norms[i].item()}"
+
+
+def stop(why):
+    """Stop the run on a non-finite value, saying where, and that the last checkpoint written is the good one."""
+    last = f"the last good checkpoint, {ckpt_path} (step {saved_step}), is untouched" if saved_step is not None \
+        else "no checkpoint was written"
+    raise SystemExit(f"{why}; stopping: {last}. Lower the learning rates or raise warmup")
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 batch_iter = batches(step)
-terms = {}  # every loss term: [running sum, count] over the log interval (tensors: no GPU sync per step)
+history = []  # per step of the log interval: (step, {term: value}); values stay on the device until the log line
 t_last, n_last = time.time(), step
 while step < max_steps:
     torch.manual_seed(seed * 1_000_003 + step * world + rank)  # the augmentations: a function of the step and rank
@@ -362,6 +397,7 @@ while step < max_steps:
         for g in opt_d.param_groups:
             g["lr"] = lr_at(step, lr_d)
     do_r1 = gan and r1_gamma > 0 and step % r1_interval == 0
+    terms = {}  # this step's terms, a list of values over micro-steps each
     for m in range(grad_accum):
         z, x, prompts = next(batch_iter)
         with torch.no_grad():
@@ -412,8 +448,7 @@ while step < max_steps:
             grad = grad + grad_adv
         x_hat.backward(scaler.scale(grad / grad_accum))
         for key, v in step_terms.items():
-            terms.setdefault(key, [0, 0])[0] += v.float()
-            terms[key][1] += 1
+            terms.setdefault(key, []).append(v.float())
     # optimiser steps, gradient norms (before clipping), EMA
     scaler.unscale_(opt_g)
     norm_g = torch.nn.utils.clip_grad_norm_(raw_G.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -435,27 +470,27 @@ while step < max_steps:
                 for p in raw_D.parameters():
                     dist.all_reduce(p.grad)
                     p.grad /= world
-            terms.setdefault("r1", [0, 0])[0] += r1.detach()
-            terms["r1"][1] += 1
+            terms["r1"] = [r1.detach()]
         scaler.step(opt_d)
         opt_d.zero_grad(set_to_none=True)
-    for key, v in norms.items():
-        terms.setdefault(key, [0, 0])[0] += v.float()
-        terms[key][1] += 1
+    terms |= {key: [v.float()] for key, v in norms.items()}
     scaler.update()
     with torch.no_grad():
         decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
         torch._foreach_lerp_(list(ema.parameters()), list(raw_G.parameters()), 1 - decay)
     step += 1
+    history.append((step, {key: torch.stack(v).mean() for key, v in terms.items()}))
 
-    # log, check for NaN/Inf (once per interval: no GPU sync in between), sample, checkpoint
+    # log, check for NaN/Inf (once per interval: one GPU sync for all its steps), sample, checkpoint
     if step % log_interval == 0 or step == max_steps or step % ckpt_interval == 0:
         n = step - n_last
-        avg = {k: v.item() / count for k, (v, count) in terms.items()}
-        bad = [k for k, v in avg.items() if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)} within the last {n} steps; stopping. "
-                                     f"The last good checkpoint ({ckpt_path}) is untouched")
+        values = iter(torch.stack([v for _, t in history for v in t.values()]).tolist())
+        history = [(s, {key: next(values) for key in t}) for s, t in history]
+        for s, t in history:  # the first step, and its first term in the order computed, to go non-finite
+            if bad := next((key for key, v in t.items() if not math.isfinite(v)), None):
+                stop(f"step {s}: {bad} is {t[bad]} (the first term to go non-finite)")
+        avg = {key: sum(t[key] for _, t in history if key in t) / sum(key in t for _, t in history)
+               for key in dict.fromkeys(key for _, t in history for key in t)}
         if gan and d_holdout and master:  # an overfitting D scores these like fakes while its training reals score high
             avg["d_heldout"] = heldout_score()
         dt = (time.time() - t_last) / n
@@ -463,28 +498,32 @@ while step < max_steps:
         log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in avg.items())
             + f" | lr {lr_at(step - 1, lr_g):.2e} | {dt * 1000:.0f} ms | {batch_size / dt:.1f} img/s" + mem,
             avg | {"ms_per_step": dt * 1000})
-        terms, t_last, n_last = {}, time.time(), step
+        history, t_last, n_last = [], time.time(), step
     if master and (step % sample_interval == 0 or step == max_steps):
         os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
         sample_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"))
     if step % ckpt_interval == 0 or step == max_steps:
-        if ddp:  # every rank must hold the same G: compare a checksum of its weights before trusting the checkpoint
+        if ddp:  # every rank must hold the same G: compare a sum of its weights (float64, no copy) before the save
             sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(world)]
-            dist.all_gather(sums, torch.cat([p.detach().flatten() for p in raw_G.parameters()]).double().sum())
+            dist.all_gather(sums, torch.stack([p.detach().sum(dtype=torch.float64) for p in raw_G.parameters()]).sum())
             if len({s.item() for s in sums}) != 1:
                 raise RuntimeError(f"step {step}: G differs between ranks (weight sums {[s.item() for s in sums]})")
             log(f"step {step}: G identical on all {world} ranks")
+        for name, net in (("G", raw_G), ("EMA", ema), ("D", raw_D)):  # the weights, once per checkpoint
+            if net is not None and (bad := nonfinite_weight(net)):
+                stop(f"step {step}: {name}'s weights are not finite ({bad}) after its last update")
         if master:
-            save_checkpoint()
+            checkpoint()
+        saved_step = step
 
 # -----------------------------------------------------------------------------
 # the end: metrics on validation captions (toy), cleanup
 if master and toy and eval_samples:
-    from eval import markdown, toy_table
+    from toy.metrics import markdown, toy_table
     table = toy_table(T, {"student (EMA, 1 step)": lambda z, c: generate(ema, z, c)}, n=eval_samples, teacher=False)
     log(markdown(table, eval_samples))
-    if os.path.exists("toy/weights/teacher_metrics.md"):  # measured once by toy/build.py, at the same N
-        log("the teacher, for reference (toy/weights/teacher_metrics.md):\n" + open("toy/weights/teacher_metrics.md").read())
+    if os.path.exists(TEACHER_METRICS):  # measured once by toy/build.py, at the same N
+        log(f"the teacher, for reference ({TEACHER_METRICS}):\n" + open(TEACHER_METRICS).read())
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump({"step": step, **table}, f, indent=2)
 if ddp:

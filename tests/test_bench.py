@@ -2,12 +2,8 @@
 a GPU, never asserted here)."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("argv,lines", [
@@ -24,9 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       r"training step, R1 amortised .* img/s \| \d+\.\d+ TFLOP per step .* MFU",
       r"E-LatentLPIPS fwd\+bwd alone \| batch 4 .* of the step"]),
 ])
-def test_sections_run_on_tiny_models(argv, lines):
-    r = subprocess.run([sys.executable, "bench.py", *argv, "--warmup=0", "--iters=1"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+def test_sections_run_on_tiny_models(argv, lines, run):
+    r = run(["bench.py", *argv, "--warmup=0", "--iters=1"])
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout.splitlines()
     assert len(out) == len(lines), r.stdout
@@ -34,12 +29,12 @@ def test_sections_run_on_tiny_models(argv, lines):
         assert re.search(pattern, line) and re.search(r"\d+(\.\d+)? ms", line), line
 
 
-def test_train_section_uses_train_py_s_adam_betas():
+def test_train_section_uses_train_py_s_adam_betas(root):
     """bench.py times train.py's step, so its AdamW betas are train.py's defaults (read from both files' knobs)."""
     import ast
 
     def knobs(name):
-        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        tree = ast.parse(open(os.path.join(root, name)).read())
         return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)
                 and t.id in ("beta1", "beta2", "beta1_d", "beta2_d", "betas", "betas_d")}

@@ -38,10 +38,6 @@ def test_errors(argv, msg):
 @pytest.mark.parametrize("argv,msg", [(["bench.py", "--what=onestep,lpips"],
                                        "unknown section(s) ['lpips']; the sections are: elpips,"),
                                       (["-m", "toy.build", "--stage=vae,teachr"], "unknown teachr (stages: all,")])
-def test_scripts_refuse_unknown_choices(argv, msg):
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True, timeout=300)
+def test_scripts_refuse_unknown_choices(argv, msg, run):
+    r = run(argv)
     assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]

@@ -2,7 +2,6 @@
 writing, the CLIP-score arithmetic, the messages for missing files and packages, and one whole run on a toy 'COCO'."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,13 +10,6 @@ import torch
 from PIL import Image
 
 import eval as ev
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-
 
 def random_image(w, h, seed=0, mode="RGB"):
     rng = np.random.default_rng(seed)
@@ -160,7 +152,7 @@ def test_clip_score_is_the_mean_cosine_with_the_prefix(tmp_path):
     assert score == pytest.approx((1 + 2 ** -0.5 - 1) / 3, abs=1e-6)  # raw cosines, negatives kept
 
 
-def test_missing_packages_and_files_say_how_to_get_them(tmp_path, monkeypatch):
+def test_missing_packages_and_files_say_how_to_get_them(tmp_path, monkeypatch, run):
     with pytest.raises(SystemExit, match="pip install clean-fid"):
         ev.need("no_such_package_for_this_test", "clean-fid", "FID")
     with pytest.raises(SystemExit, match="pip install open_clip_torch"):
@@ -181,7 +173,7 @@ def test_missing_packages_and_files_say_how_to_get_them(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_coco_run_on_a_toy_teacher(tmp_path):
+def test_coco_run_on_a_toy_teacher(tmp_path, run):
     """The whole --coco path (captions, generation, reference images, records) with an untrained toy teacher;
     metrics are left out (clean-fid and open_clip are optional and their weights cannot be fetched here)."""
     fake_coco(tmp_path / "coco")

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import model
-from model import UNET_PRESETS, VAE_PRESETS, load_unet, load_vae, save_pretrained
+import weights
+from model import UNET_PRESETS, VAE_PRESETS
+from weights import load_unet, load_vae, save_pretrained
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only reference) is not installed")
 TOL = 1e-5
@@ -16,7 +18,7 @@ TOL = 1e-5
 
 def diffusers_unet(cfg, seed=0):
     torch.manual_seed(seed)
-    kwargs = {k: v for k, v in model.unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in weights.unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
     unet = diffusers.UNet2DConditionModel(**kwargs).eval()
     with torch.no_grad():  # diffusers zero-initialises nothing we care about, but make every weight non-trivial
         for p in unet.parameters():
@@ -26,7 +28,7 @@ def diffusers_unet(cfg, seed=0):
 
 def diffusers_vae(cfg, seed=0):
     torch.manual_seed(seed)
-    kwargs = {k: v for k, v in model.vae_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in weights.vae_config_to_diffusers(cfg).items() if not k.startswith("_")}
     vae = diffusers.AutoencoderKL(**kwargs).eval()
     with torch.no_grad():
         for p in vae.parameters():
@@ -225,11 +227,11 @@ def test_single_file_matches_folder(name, ext, tmp_path):
     sd = {"model.diffusion_model." + ldm_unet_key(k, cfg): v for k, v in ref.state_dict().items()}
     sd |= ldm_vae_sd(vae.state_dict(), len(vcfg.channels))
     # the file we made is in the real LDM layout: diffusers' own converter maps it back exactly
-    dcfg = model.unet_config_to_diffusers(cfg)
+    dcfg = weights.unet_config_to_diffusers(cfg)
     back = convert_ldm_unet_checkpoint(sd, dcfg)
     assert back.keys() == ref.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
-    vback = convert_ldm_vae_checkpoint(sd, model.vae_config_to_diffusers(vcfg))
+    vback = convert_ldm_vae_checkpoint(sd, weights.vae_config_to_diffusers(vcfg))
     assert vback.keys() == vae.state_dict().keys()
     path = str(tmp_path / f"model{ext}")
     save_file(sd, path) if ext == ".safetensors" else torch.save({"state_dict": sd}, path)
@@ -247,11 +249,11 @@ def test_single_file_matches_folder(name, ext, tmp_path):
 
 
 def test_family_detection():
-    assert model.ldm_family({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+    assert weights.ldm_family({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
                              torch.empty(320, 768)}) == "sd15"
-    assert model.ldm_family({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+    assert weights.ldm_family({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
                              torch.empty(320, 1024)}) == "sd21"
-    assert model.ldm_family({"conditioner.embedders.1.model.ln_final.weight": torch.empty(3)}) == "sdxl"
+    assert weights.ldm_family({"conditioner.embedders.1.model.ln_final.weight": torch.empty(3)}) == "sdxl"
 
 
 # -----------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def test_family_detection():
 def test_full_size_unet_matches_diffusers(ours, count):
     with torch.device("meta"):
         a = model.UNet(UNET_PRESETS[ours])
-        kwargs = {k: v for k, v in model.unet_config_to_diffusers(UNET_PRESETS[ours]).items() if not k.startswith("_")}
+        kwargs = {k: v for k, v in weights.unet_config_to_diffusers(UNET_PRESETS[ours]).items() if not k.startswith("_")}
         b = diffusers.UNet2DConditionModel(**kwargs)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -273,7 +275,7 @@ def test_full_size_unet_matches_diffusers(ours, count):
 def test_full_size_vae_matches_diffusers():
     with torch.device("meta"):
         a = model.VAE(VAE_PRESETS["sd"])
-        b = diffusers.AutoencoderKL(**{k: v for k, v in model.vae_config_to_diffusers(VAE_PRESETS["sd"]).items()
+        b = diffusers.AutoencoderKL(**{k: v for k, v in weights.vae_config_to_diffusers(VAE_PRESETS["sd"]).items()
                                       if not k.startswith("_")})
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
@@ -285,10 +287,10 @@ def test_full_size_presets_read_back_from_diffusers_configs():
     d = {"_class_name": "UNet2DConditionModel", "block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8,
          "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
          "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "cross_attention_dim": 768}
-    assert model.unet_config_from_diffusers(d, "sd15.json") == UNET_PRESETS["sd15"]
+    assert weights.unet_config_from_diffusers(d, "sd15.json") == UNET_PRESETS["sd15"]
     for name in ["sd21", "sdxl"]:
         cfg = UNET_PRESETS[name]
-        assert model.unet_config_from_diffusers(model.unet_config_to_diffusers(cfg), name) == cfg
+        assert weights.unet_config_from_diffusers(weights.unet_config_to_diffusers(cfg), name) == cfg
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +372,7 @@ def test_error_missing_unexpected_and_shape(tmp_path):
 @pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"), ("timestep_post_act", "silu"),
                                        ("time_embedding_act_fn", "silu")])
 def test_error_unsupported_config(key, value, tmp_path):
-    d = model.unet_config_to_diffusers(UNET_PRESETS["tiny-sd1"]) | {key: value}
+    d = weights.unet_config_to_diffusers(UNET_PRESETS["tiny-sd1"]) | {key: value}
     os.makedirs(tmp_path / "unet")
     with open(tmp_path / "unet" / "config.json", "w") as f:
         json.dump(d, f)

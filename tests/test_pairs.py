@@ -14,11 +14,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import make_pairs
 import model
+import weights
 from make_pairs import PairDataset
 from teacher import load_teacher
 from toy.tokenizer import write_clip_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "a small large red green blue circle square on the left right".split()
 PROMPTS = ["a small red circle on the left", "a large green square", "a blue circle on the right", "a red square",
            "a small green circle", "a large blue square on the left", "a red circle", "a green square on the right",
@@ -29,8 +29,8 @@ RUN = dict(steps=3, guidance=3.0, resolution=16, shard_size=4, batch_size=4, dev
 def write_teacher(root, seed=0):
     """A tiny SD1-like pipeline folder in the diffusers layout: our UNet/VAE, a transformers CLIP, a toy tokenizer."""
     torch.manual_seed(seed)
-    model.save_pretrained(model.UNet(model.UNET_PRESETS["tiny-sd1"]), os.path.join(root, "unet"))
-    model.save_pretrained(model.VAE(model.VAE_PRESETS["tiny"]), os.path.join(root, "vae"))
+    weights.save_pretrained(model.UNet(model.UNET_PRESETS["tiny-sd1"]), os.path.join(root, "unet"))
+    weights.save_pretrained(model.VAE(model.VAE_PRESETS["tiny"]), os.path.join(root, "vae"))
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(root, "tokenizer"), WORDS))
     CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -168,13 +168,13 @@ def test_same_pairs_for_any_thread_count(setup, tmp_path):
     assert_same_pairs(tmp_path / "1", tmp_path / "2", shards=1)
 
 
-def test_same_pairs_with_two_processes(setup, reference, tmp_path):
+def test_same_pairs_with_two_processes(setup, reference, tmp_path, root):
     """torchrun with 2 CPU processes (gloo): rank r makes the pending shards r, r+2, ...; the files are the same."""
     args = [f"--{k}={v}" for k, v in (RUN | dict(teacher=setup["teacher"], prompts=setup["prompts"],
                                                    out_dir=str(tmp_path))).items()]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "make_pairs.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        os.path.join(root, "make_pairs.py"), *args], cwd=root, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "made 11 pairs" in p.stdout and "2 processes); 3 of 3 shards (11 pairs) are complete" in p.stdout

@@ -1,36 +1,18 @@
 """sample.py: the exported student runs in diffusers as the documented one-step pipeline and gives our latents."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only reference) is not installed")
 
 
-def run(args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """An untrained toy world, 8 pairs, and a student trained for 2 steps (regression only)."""
-    from toy import shapes
-    w = tmp_path_factory.mktemp("sample")
-    r = run(["-m", "toy.build", f"--out_dir={w}", "--stage=vae,teacher", "--vae_steps=0", "--teacher_steps=0"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    (w / "prompts.txt").write_text("".join(shapes.sample(i)[1] + "\n" for i in range(8)))
-    r = run(["make_pairs.py", f"--prompts={w}/prompts.txt", f"--out_dir={w}/pairs", f"--teacher={w}/sd", "--steps=2"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run(["train.py", f"--teacher={w}/sd", f"--pairs={w}/pairs", f"--out_dir={w}/out", "--max_steps=2",
-             "--batch_size=4", "--gan=False", "--regression=l2", "--ema_decay=0.5", "--lr_g=1e-3", "--d_holdout=0"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return w
+def world(student_world):
+    return student_world
 
 
-def test_export_reproduces_one_step_in_diffusers(world):
+def test_export_reproduces_one_step_in_diffusers(world, run):
     from sample import load_student
     from teacher import one_step, seeded_noise
     from toy import shapes
@@ -54,7 +36,7 @@ def test_export_reproduces_one_step_in_diffusers(world):
     assert err < 1e-4
 
 
-def test_sample_writes_images_and_teacher_grid(world, tmp_path):
+def test_sample_writes_images_and_teacher_grid(world, tmp_path, run):
     from PIL import Image
     r = run(["sample.py", f"--ckpt={world}/out/ckpt.pt", "--prompt=a small red circle on the left on a white background",
              "--n=3", f"--out_dir={tmp_path}", "--with_teacher=True", "--teacher_steps=2"])
@@ -65,7 +47,7 @@ def test_sample_writes_images_and_teacher_grid(world, tmp_path):
     assert Image.open(tmp_path / "00000.png").size == (32, 32)
 
 
-def test_export_refuses_a_student_that_diffusers_would_misread(world, tmp_path):
+def test_export_refuses_a_student_that_diffusers_would_misread(world, tmp_path, run):
     ckpt = torch.load(world / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
     ckpt["config"]["g_param"] = "x0"  # G's output is x0: diffusers would read it as eps
     torch.save(ckpt, tmp_path / "x0.pt")
@@ -74,7 +56,7 @@ def test_export_refuses_a_student_that_diffusers_would_misread(world, tmp_path):
     assert not os.path.exists(tmp_path / "student")
 
 
-def test_fp16_student_is_5x_closer_to_fp32_than_bf16():
+def test_fp16_student_is_5x_closer_to_fp32_than_bf16(root):
     """G's x0 at t=999 is eps x14.6: under bf16 autocast the rounding of eps puts a floor on x0 that the teacher's
     pairs lack. fp16's three more mantissa bits bring it at least 5x closer to fp32 (the committed toy teacher as G,
     the toy's validation captions; measured 8x). On a GPU, training, sampling and evaluation run G in fp16."""
@@ -82,7 +64,7 @@ def test_fp16_student_is_5x_closer_to_fp32_than_bf16():
     from common import autocast
     from teacher import load_teacher, one_step, seeded_noise
     from toy import shapes
-    T = load_teacher(os.path.join(ROOT, "toy/weights/sd"))
+    T = load_teacher(os.path.join(root, "toy/weights/sd"))
     caps = [shapes.sample(s)[1] for s in shapes.val_seeds(16)]
     z, cond = seeded_noise(range(16), T.latent_shape()), T.conditions(caps)[0]
     x0 = {d: one_step(T.unet, z, cond, T.alphas_cumprod, T.prediction_type, ctx=autocast("cpu", d))
@@ -91,7 +73,7 @@ def test_fp16_student_is_5x_closer_to_fp32_than_bf16():
     err = {d: (x0[d] - x0["float32"]).abs().mean().item() for d in ("bfloat16", "float16")}
     assert err["float16"] * 5 <= err["bfloat16"], err
     for script, knob in (("train.py", "dtype_g"), ("sample.py", "dtype"), ("eval.py", "dtype_g")):
-        tree = ast.parse(open(os.path.join(ROOT, script)).read())
+        tree = ast.parse(open(os.path.join(root, script)).read())
         default = next(node.value for node in tree.body if isinstance(node, ast.Assign)
                        and any(isinstance(t, ast.Name) and t.id == knob for t in node.targets))
         assert isinstance(default, ast.IfExp) and ast.literal_eval(default.body) == "float16", (script, knob)

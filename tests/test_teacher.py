@@ -3,83 +3,22 @@ diffusers saves to disk: text embeddings, the DDIM + guidance trajectory, the sc
 conversions, single-file text encoders, and load errors. fp32 on CPU; trajectories within 1e-4 max abs."""
 import dataclasses
 import fnmatch
-import os
 import re
 
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 import model
 import teacher
+import weights
+from conftest import PROMPTS, WORDS, tiny_clip
 from teacher import ddim_sample, ddim_timesteps, load_teacher, make_alphas_cumprod, predict_x0, x0_and_eps
 from toy.tokenizer import write_clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only reference) is not installed")
 TOL = 1e-4
-WORDS = "a small large red green blue circle square triangle on in the left right center and background".split()
-PROMPTS = ["a small red circle on the left", "a large blue square on the right and a green triangle"]
 SIZE = 16  # pixels: 8x8 latents with the tiny VAE (factor 2)
-
-
-def tiny_clip(tok, width, act="quick_gelu", projection=0, layers=2, seed=0):
-    """A tiny CLIP text tower; heads 1 so that a single-file read (heads = width // 64, at least 1) rebuilds it."""
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                         num_attention_heads=1, max_position_embeddings=tok.model_max_length, hidden_act=act,
-                         projection_dim=projection or width, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
-
-
-def tiny_diffusers(cls, cfg, seed):
-    torch.manual_seed(seed)
-    m = cls(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
-    with torch.no_grad():  # every weight non-trivial
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m
-
-
-def build_pipeline(root, kind, seed=0):
-    """Save a tiny random diffusers pipeline ('sd1', 'sd2v' or 'sdxl') to root and return it."""
-    unet_cfg = {"sd1": "tiny-sd1", "sd2v": "tiny-sd2", "sdxl": "tiny-sdxl"}[kind]
-    unet_cfg = model.unet_config_to_diffusers(model.UNET_PRESETS[unet_cfg])
-    unet = tiny_diffusers(diffusers.UNet2DConditionModel, unet_cfg, seed)
-    vae = tiny_diffusers(diffusers.AutoencoderKL, model.vae_config_to_diffusers(model.VAE_PRESETS["tiny"]), seed + 1)
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                        prediction_type="v_prediction" if kind == "sd2v" else "epsilon")
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(root, "tok1"), WORDS))
-    if kind == "sdxl":  # CLIP-L-like (quick_gelu) + bigG-like (gelu, projection), the second tokenizer pads with "!"
-        tok2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(root, "tok2"), WORDS, pad_token="!"))
-        pipe = diffusers.StableDiffusionXLPipeline(
-            vae=vae, text_encoder=tiny_clip(tok, 32, seed=seed + 2), tokenizer=tok, unet=unet, scheduler=scheduler,
-            text_encoder_2=tiny_clip(tok2, 32, "gelu", projection=32, seed=seed + 3), tokenizer_2=tok2,
-            force_zeros_for_empty_prompt=True, add_watermarker=False)
-    else:
-        if kind == "sd2v":  # OpenCLIP-H-like: gelu, 48 wide, pads with "!"
-            tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(root, "tok1"), WORDS, pad_token="!"))
-        te = tiny_clip(tok, 32, seed=seed + 2) if kind == "sd1" else tiny_clip(tok, 48, "gelu", seed=seed + 2)
-        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                                 scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                                 requires_safety_checker=False)
-    pipe.save_pretrained(os.path.join(root, "pipe"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="session")
-def pipelines(tmp_path_factory):
-    """kind -> (diffusers pipeline, its saved folder), built once per session."""
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            root = str(tmp_path_factory.mktemp(kind))
-            cache[kind] = (build_pipeline(root, kind), os.path.join(root, "pipe"))
-        return cache[kind]
-    return get
 
 
 def reference_latents(pipe, prompts, z, steps, guidance, spacing):
@@ -317,7 +256,7 @@ def test_force_upcast_vae_is_loaded_unrounded(pipelines):
     In a bf16 teacher it is bf16, as in diffusers' SDXL pipeline, which upcasts only a VAE that is fp16."""
     _, folder = pipelines("sd1")
     vcfg = dataclasses.replace(model.VAE_PRESETS["tiny"], force_upcast=True)
-    ref = model.load_vae(folder, vcfg)
+    ref = weights.load_vae(folder, vcfg)
     t = load_teacher(folder, dtype=torch.float16, vae_config=vcfg)
     assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(t.vae.parameters(), ref.parameters()))
     x = noise(1)
@@ -348,7 +287,7 @@ def test_shared_time_embedding(pipelines):
 
 
 def to_openclip(te):
-    """HF CLIP text weights -> OpenCLIP names, written independently of teacher.py (sd-reference.md A4)."""
+    """HF CLIP text weights -> OpenCLIP names, written independently of teacher.py."""
     out = {}
     for k, v in te.state_dict().items():
         k = k.removeprefix("text_model.")
@@ -423,9 +362,9 @@ def test_sd1_single_file_matches_folder(pipelines, tmp_path):
 def test_single_file_is_read_once(pipelines, tmp_path, monkeypatch):
     pipe, folder = pipelines("sd1")
     path = write_sd1_single_file(pipe, tmp_path / "sd1.safetensors")
-    reads, read = [], model.read_checkpoint
+    reads, read = [], weights.read_checkpoint
     counted = lambda p: reads.append(p) or read(p)
-    monkeypatch.setattr(model, "read_checkpoint", counted)
+    monkeypatch.setattr(weights, "read_checkpoint", counted)
     monkeypatch.setattr(teacher, "read_checkpoint", counted)
     load_teacher(path, tokenizer=folder, unet_config="tiny-sd1", vae_config="tiny")
     assert reads == [path]  # not once more for the UNet and again for the VAE

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from eval import feature_stats, frechet_distance, toy_metrics
+from toy.metrics import feature_stats, frechet_distance, toy_metrics
 from toy import classifier, shapes
 
 # -----------------------------------------------------------------------------
@@ -52,8 +52,9 @@ def test_n_objects_is_forced():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU tensor needs a GPU (this failed on the H200)")
 def test_to_pil_takes_gpu_bf16_tensors():
     x, _, _ = shapes.make_batch(range(4))
-    grid = shapes.to_pil(x.cuda().bfloat16().requires_grad_(), nrow=2)  # what train.py's sample grid passes on a GPU
-    assert np.array_equal(np.asarray(grid), np.asarray(shapes.to_pil(x.bfloat16(), nrow=2)))
+    from common import image_grid
+    grid = image_grid(x.cuda().bfloat16().requires_grad_(), nrow=2)  # what train.py's sample grid passes on a GPU
+    assert np.array_equal(np.asarray(grid), np.asarray(image_grid(x.bfloat16(), nrow=2)))
 
 
 def parse(caption):
@@ -219,7 +220,7 @@ def test_guidance_makes_the_teacher_follow_its_captions(model, toy_teacher):
 def test_sharpness_sees_blur_that_the_fid_like_distance_barely_sees(toy_teacher):
     """The sharpness metric (high-frequency power relative to the teacher's, same z and captions) falls as the
     teacher's own samples are blurred and rises with added noise; blur of sigma 0.5 px halves it (0.46 measured)."""
-    from eval import hf_power
+    from toy.metrics import hf_power
     from teacher import seeded_noise
     _, caps, _ = shapes.make_batch(shapes.val_seeds(100), n_objects=1)
     cond, uncond = toy_teacher.conditions(caps)

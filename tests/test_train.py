@@ -1,33 +1,17 @@
 """train.py on a random (untrained) toy world: one step changes G and D and nothing else; resuming gives the
-same weights as an uninterrupted run; two gloo processes keep G identical; a NaN stops the run by name."""
+same weights as an uninterrupted run; two gloo processes keep G identical; a NaN stops the run by name; damaged
+checkpoints, runaway weights and impossible knobs are refused by name."""
 import os
 import runpy
-import subprocess
 import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
-
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """An untrained toy world (the real build script with 0 training steps) and 24 pairs made from it."""
-    d = tmp_path_factory.mktemp("world")
-    r = run(["-m", "toy.build", f"--out_dir={d}", "--stage=vae,teacher,lpips,pixel", "--vae_steps=0",
-             "--teacher_steps=0", "--lpips_steps=0", "--pixel_steps=0"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    from toy import shapes
-    (d / "prompts.txt").write_text("".join(shapes.sample(i)[1] + "\n" for i in range(24)))
-    r = run(["make_pairs.py", f"--prompts={d}/prompts.txt", f"--out_dir={d}/pairs", f"--teacher={d}/sd", "--steps=2",
-             "--batch_size=24", "--shard_size=12"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    return d
+def world(toy_world):
+    return toy_world
 
 
 def args(world, out, **kw):
@@ -37,15 +21,15 @@ def args(world, out, **kw):
     return [f"--{k}={v}" for k, v in (base | kw).items()]
 
 
-def test_one_step_changes_only_G_and_D(world, tmp_path, monkeypatch):
-    import model
+def test_one_step_changes_only_G_and_D(world, tmp_path, monkeypatch, root):
+    import weights
     from safetensors.torch import load_file
     monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=1)])
-    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
     T = g["T"]
     # frozen parts equal the files they were loaded from, bit for bit
     for module, path in [(T.unet, "sd/unet"), (T.vae, "sd/vae")]:
-        disk = (model.load_unet if "unet" in path else model.load_vae)(str(world / path)).state_dict()
+        disk = (weights.load_unet if "unet" in path else weights.load_vae)(str(world / path)).state_dict()
         assert all(torch.equal(v, disk[k]) for k, v in module.state_dict().items()), path
     te = load_file(str(world / "sd/text_encoder/model.safetensors"))
     assert all(torch.equal(v, te[k]) for k, v in T.text_encoders[0].state_dict().items() if k in te)
@@ -63,7 +47,7 @@ def test_one_step_changes_only_G_and_D(world, tmp_path, monkeypatch):
     assert g["step"] == 1 and os.path.exists(tmp_path / "ckpt.pt")
 
 
-def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch):
+def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch, root):
     """grad_clip bounds G's gradient norm, grad_clip_d D's (R1 steps included); 0 turns a clip off."""
     calls = []
     clip = torch.nn.utils.clip_grad_norm_
@@ -75,13 +59,13 @@ def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=1, grad_clip=0.5, grad_clip_d=0)])
-    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
     (g_first, g_clip), (d_first, d_clip) = calls
     assert g_first is next(g["raw_G"].parameters()) and d_first is next(g["raw_D"].parameters())
     assert (g_clip, d_clip) == (0.5, float("inf"))
 
 
-def test_r1_is_not_clipped_with_the_d_loss(world, tmp_path):
+def test_r1_is_not_clipped_with_the_d_loss(world, tmp_path, run):
     """R1's gradient joins D's after the clip: the clipped norm (gnorm_d, logged before clipping) is the D loss's
     alone, the same with R1 at weight 0 or 1e5, while the weights D ends with differ. At step 1 D's heads are zero,
     so R1 has no gradient; step 2 shows it. Clipped together, gnorm_d grew with gamma and every R1 step had the clip's
@@ -99,11 +83,11 @@ def test_r1_is_not_clipped_with_the_d_loss(world, tmp_path):
     assert any(not torch.equal(v, d100[k]) for k, v in d0.items())
 
 
-def test_the_log_shows_d_health(world, tmp_path, monkeypatch, capsys):
+def test_the_log_shows_d_health(world, tmp_path, monkeypatch, capsys, run, root):
     """Every log line has D's scores on reals, fakes, mix-and-match fakes and held-out reals, the share of reals
     it calls real, and G's adversarial-to-regression gradient ratio; the held-out pairs are never trained on."""
     monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=2, mix_match=0.5, d_holdout=8)])
-    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
     assert len(lines) == 2
     for line in lines:
@@ -116,14 +100,13 @@ def test_the_log_shows_d_health(world, tmp_path, monkeypatch, capsys):
     assert r.returncode != 0 and "--d_holdout=24" in r.stderr and "none would be left" in r.stderr, r.stderr[-2000:]
 
 
-def test_pairs_from_another_teacher_are_refused(world, tmp_path):
+def test_pairs_from_another_teacher_are_refused(world, tmp_path, run):
     """train.py checks the pairs' teacher fingerprint against the loaded teacher, whatever dtype made the pairs."""
     import json
     import shutil
-    from make_pairs import teacher_fingerprint
     from teacher import load_teacher
     t32, t16 = (load_teacher(str(world / "sd"), dtype=d) for d in (torch.float32, torch.float16))
-    assert teacher_fingerprint(t32, torch.float16) == teacher_fingerprint(t16) != teacher_fingerprint(t32)
+    assert t32.fingerprint(torch.float16) == t16.fingerprint() != t32.fingerprint()
     pairs = tmp_path / "pairs"
     shutil.copytree(world / "pairs", pairs)
     index = json.loads((pairs / "index.json").read_text())
@@ -138,7 +121,7 @@ def load(out):
     return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
-def test_resume_equals_uninterrupted(world, tmp_path):
+def test_resume_equals_uninterrupted(world, tmp_path, run):
     a, b = tmp_path / "a", tmp_path / "b"
     r = run(["train.py", *args(world, a, max_steps=4)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -154,7 +137,7 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     assert ca["opt_g"]["state"].keys() == cb["opt_g"]["state"].keys()
 
 
-def test_resume_takes_the_command_s_adam_settings(world, tmp_path):
+def test_resume_takes_the_command_s_adam_settings(world, tmp_path, run):
     """A checkpoint's optimiser state keeps its moments, but the betas and weight decay are the resuming command's
     (a changed default or a new --beta1 is not silently overridden by the checkpoint), and the change is printed."""
     r = run(["train.py", *args(world, tmp_path, max_steps=1, beta1=0.0, beta1_d=0.0)])
@@ -175,16 +158,16 @@ def relative_differences(world, a, b):
     Adam turns rounding noise in near-zero gradients (D's head biases at step 1, where real and fake pull equally)
     into steps of up to lr, on any machine; relative to the whole update that noise is 1e-5, while R1 at half
     weight (grad_accum) or on one sample per rank (DDP) makes D differ by 0.3."""
-    import model
+    import weights
     from discriminator import Discriminator
-    unet = model.load_unet(str(world / "sd"))
+    unet = weights.load_unet(str(world / "sd"))
     start = {"G": unet.state_dict(), "D": Discriminator(unet).state_dict()}
     norm = lambda d: sum(v.double().square().sum() for v in d.values()).sqrt().item()  # noqa: E731
     return {p: norm({k: a[p][k] - b[p][k] for k in a[p]}) / norm({k: a[p][k] - start[p][k] for k in a[p]})
             for p in ["G", "D"]}
 
 
-def test_grad_accum_equals_one_big_batch(world, tmp_path):
+def test_grad_accum_equals_one_big_batch(world, tmp_path, run):
     """Two micro-steps of 2 make the same step as one batch of 4: the D and G losses average over micro-steps, and
     R1 (once per step, here at both steps) keeps its full weight. L2 and no mix-and-match: augmentations and
     mismatched pairs are drawn per micro-batch, so they would differ by design."""
@@ -196,18 +179,18 @@ def test_grad_accum_equals_one_big_batch(world, tmp_path):
         assert err <= 0.01, f"{part}: grad_accum=2 differs from one batch by {err:.2e} of its update"
 
 
-def test_ema_warmup_follows_G_early(world, tmp_path):
+def test_ema_warmup_follows_G_early(world, tmp_path, run):
     """With ema_warmup the first update uses decay 1/10 (min(ema_decay, (1 + 0) / (10 + 0))), not ema_decay."""
-    import model
+    import weights
     r = run(["train.py", *args(world, tmp_path, max_steps=1, gan=False, regression="l2", ema_decay=0.9999,
                                ema_warmup=True)])
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt, teacher = load(tmp_path), model.load_unet(str(world / "sd")).state_dict()
+    ckpt, teacher = load(tmp_path), weights.load_unet(str(world / "sd")).state_dict()
     for k in ["conv_in.weight", "conv_out.bias"]:
         torch.testing.assert_close(ckpt["ema"][k], 0.1 * teacher[k] + 0.9 * ckpt["G"][k])
 
 
-def test_mix_and_match_share_survives_small_micro_batches(world, tmp_path, monkeypatch):
+def test_mix_and_match_share_survives_small_micro_batches(world, tmp_path, monkeypatch, root):
     """mix_match=0.25 of a micro-batch of 2 is half a sample: every other micro-step mixes one, not none."""
     import discriminator
     seen = []
@@ -219,12 +202,12 @@ def test_mix_and_match_share_survives_small_micro_batches(world, tmp_path, monke
     monkeypatch.setattr(discriminator.Discriminator, "forward", spy)
     monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=2, grad_accum=2, r1_gamma=0,
                                                         mix_match=0.25, compile=False)])
-    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
     d_steps = [n for n in seen if n > 2]  # D's own forward: real, fake and mixed (G's loss sees the 2 fakes only)
     assert d_steps == [4, 5, 4, 5], seen
 
 
-def test_two_gloo_processes_keep_G_identical(world, tmp_path):
+def test_two_gloo_processes_keep_G_identical(world, tmp_path, run):
     r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              *args(world, tmp_path, max_steps=2, ckpt_interval=1)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -232,7 +215,7 @@ def test_two_gloo_processes_keep_G_identical(world, tmp_path):
     assert "step 2: G identical on all 2 ranks" in r.stdout
 
 
-def test_two_gloo_processes_equal_one_process(world, tmp_path):
+def test_two_gloo_processes_equal_one_process(world, tmp_path, run):
     """DDP averages G's and D's gradients (R1's included) over ranks: two processes with micro-batches of 2 make the
     same steps as one process with the batch of 4. L2, no mix-and-match and R1 on every sample: what is drawn per
     rank or per sample would differ by design."""
@@ -246,23 +229,112 @@ def test_two_gloo_processes_equal_one_process(world, tmp_path):
         assert err <= 0.01, f"{part}: two processes differ from one by {err:.2e} of its update"
 
 
-def test_nan_stops_the_run_by_name(world, tmp_path):
-    r = run(["train.py", *args(world, tmp_path, max_steps=5, lr_g=1e30, lr_d=1e30, ckpt_interval=1, gan=False,
-                                 regression="l2")])
+def test_nan_stops_the_run_by_name(world, tmp_path, run):
+    """A step checkpointed, then lr 1e30: the update of step 2 throws G's weights out of range, and step 3's regression
+    loss is the first term to go non-finite. The run stops naming that step and term; the checkpoint stays good."""
+    kw = dict(gan=False, regression="l2", ckpt_interval=1000)
+    r = run(["train.py", *args(world, tmp_path, max_steps=1, **kw)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(["train.py", *args(world, tmp_path, max_steps=5, lr_g=1e30, **kw)])
     assert r.returncode != 0
-    assert "non-finite g_rec" in r.stderr and "The last good checkpoint" in r.stderr, r.stderr[-2000:]
-    ckpt = load(tmp_path)
-    assert all(torch.isfinite(v).all() for v in ckpt["G"].values())
+    assert "step 3: g_rec is" in r.stderr and "(the first term to go non-finite)" in r.stderr, r.stderr[-2000:]
+    assert "the last good checkpoint" in r.stderr and "(step 1), is untouched" in r.stderr
+    assert load(tmp_path)["step"] == 1 and all(torch.isfinite(v).all() for v in load(tmp_path)["G"].values())
 
 
 @pytest.mark.parametrize("regression", ["l2", "pseudo-huber", "latent-lpips", "pixel-lpips"])
-def test_every_regression_loss_trains_G(world, tmp_path, regression):
+def test_every_regression_loss_trains_G(world, tmp_path, regression, run):
     """The ablation's other regression losses run and move G (pixel-lpips decodes with gradients, through the
     image-space VGG16-BN that toy.build's pixel stage writes, untrained here)."""
     vgg = world / "toy_pixel_vgg16.safetensors"
     r = run(["train.py", *args(world, tmp_path, max_steps=1, gan=False, regression=regression, pixel_vgg=vgg)])
     assert r.returncode == 0, r.stderr[-3000:]
     G = load(tmp_path)["G"]
-    import model
-    teacher = model.load_unet(str(world / "sd")).state_dict()
+    import weights
+    teacher = weights.load_unet(str(world / "sd")).state_dict()
     assert any(not torch.equal(v, teacher[k]) for k, v in G.items())
+
+
+# -----------------------------------------------------------------------------
+# nothing lost, nothing silent: damaged checkpoints, runaway weights, bad knobs, resumed logs, interrupted toy pairs
+
+
+def test_a_damaged_checkpoint_is_refused_by_name_and_kept(world, tmp_path, run):
+    """4 bytes flipped in one tensor of ckpt.pt: train.py stops naming the tensor and the checkpoint before it, and
+    leaves the file as it was (it used to resume silently and overwrite it); sample.py refuses it too."""
+    r = run(["train.py", *args(world, tmp_path, max_steps=2, ckpt_interval=1)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = tmp_path / "ckpt.pt"
+    data = bytearray(path.read_bytes())
+    target = load(tmp_path)["G"]["conv_in.weight"].numpy().tobytes()[:64]  # find the tensor's bytes in the file
+    at = bytes(data).index(target)
+    data[at + 8:at + 12] = bytes(b ^ 0xFF for b in data[at + 8:at + 12])
+    path.write_bytes(bytes(data))
+    r = run(["train.py", *args(world, tmp_path, max_steps=4)])
+    assert r.returncode != 0 and "tensor G.conv_in.weight fails its checksum" in r.stderr, r.stderr[-2000:]
+    assert f"mv {path}.prev {path}" in r.stderr and "Traceback" not in r.stderr
+    assert path.read_bytes() == bytes(data)
+    r = run(["sample.py", f"--ckpt={path}", f"--out_dir={tmp_path}/samples", "--prompt=a red circle", "--n=1"])
+    assert r.returncode != 0 and "fails its checksum" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, this is not a checkpoint", "half"])
+def test_broken_checkpoint_files_get_one_line(world, tmp_path, content, run):
+    """Empty, half-length and text files as ckpt.pt: one line naming the file, never torch's advice to load with
+    weights_only=False."""
+    r = run(["train.py", *args(world, tmp_path, max_steps=1)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2] if content == "half" else content)
+    r = run(["train.py", *args(world, tmp_path, max_steps=2)])
+    err = [l for l in r.stderr.splitlines() if l.strip() and "Loading weights" not in l]
+    assert r.returncode != 0 and len(err) == 1 and str(path) in err[0] and "weights_only" not in err[0], r.stderr
+
+
+def test_runaway_weights_are_never_checkpointed(world, tmp_path, run):
+    """lr 1e30 fits in float32 but throws the weights out of any usable range at once: the run stops at the first
+    checkpoint naming the step and the tensor, and the checkpoint from before stays (it used to be replaced)."""
+    r = run(["train.py", *args(world, tmp_path, max_steps=2, ckpt_interval=1)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    r = run(["train.py", *args(world, tmp_path, max_steps=3, lr_g=1e30)])
+    assert r.returncode != 0 and "step 3: G's weights are not finite" in r.stderr, r.stderr[-2000:]
+    assert "the last good checkpoint" in r.stderr and "(step 2), is untouched" in r.stderr
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    r = run(["train.py", *args(world, tmp_path / "fresh", max_steps=3, ckpt_interval=1, lr_g=1e30)])
+    assert r.returncode != 0 and "step 1: G's weights" in r.stderr and "no checkpoint was written" in r.stderr
+    assert not (tmp_path / "fresh" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("knob", ["--lr_g=1e39", "--lr_g=3e38", "--lr_d=-1.0", "--batch_size=0", "--grad_accum=3",
+                                  "--grad_accum=0"])
+def test_knobs_that_cannot_work_are_refused_by_name(world, tmp_path, knob, run):
+    r = run(["train.py", *args(world, tmp_path), knob, "--max_steps=1"])
+    assert r.returncode != 0 and knob.split("=")[0] in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_resumed_log_reads_as_one_run(world, tmp_path, run):
+    """A run stopped after step 4 but resumed from its step-2 checkpoint: log.txt keeps steps 1-2, says where it
+    resumed, then steps 3-4 once each."""
+    r = run(["train.py", *args(world, tmp_path, max_steps=4, ckpt_interval=2)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    os.replace(tmp_path / "ckpt.pt.prev", tmp_path / "ckpt.pt")  # what a kill after step 4 but before its save leaves
+    r = run(["train.py", *args(world, tmp_path, max_steps=4, ckpt_interval=2)])
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    steps = [int(l.split()[1]) for l in (tmp_path / "log.txt").read_text().splitlines() if l.startswith("step ")]
+    assert steps == [1, 2, 3, 4], steps
+    assert "resumed from" in (tmp_path / "log.txt").read_text()
+
+
+def test_interrupted_toy_pairs_are_finished_by_the_same_command(tmp_path, run):
+    """The toy world (teacher=toy) makes its pairs on the first run; if that was interrupted (here: a shard deleted,
+    as a kill between shards leaves it), the same command finishes them and trains, with no flag to learn."""
+    cmd = ["train.py", "--teacher=toy", f"--pairs={tmp_path}/pairs", "--toy_pairs=12", "--batch_size=4",
+           "--max_steps=1", "--eval_samples=0", "--d_holdout=2", "--sample_interval=1000", f"--out_dir={tmp_path}/a"]
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "pairs" / "shard-000000.safetensors").unlink()
+    r = run(cmd[:-1] + [f"--out_dir={tmp_path}/b"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "pairs" / "shard-000000.safetensors").exists() and (tmp_path / "b" / "ckpt.pt").exists()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import model
+import weights
 from toy import shapes
 
 # -----------------------------------------------------------------------------
@@ -99,13 +100,13 @@ def train_vae():
     with torch.no_grad():
         x, _, _ = shapes.make_batch(range(10**8, 10**8 + 2000))
         vae.cfg.scaling_factor = round(1.0 / vae.encode(x)[0].std().item(), 5)
-    model.save_pretrained(vae, os.path.join(out_dir, "sd", "vae"))
+    weights.save_pretrained(vae, os.path.join(out_dir, "sd", "vae"))
     print(f"vae: scaling_factor {vae.cfg.scaling_factor}, {time.time() - t0:.0f}s")
     return vae
 
 
 def scaled_linear_alphas_cumprod(T=1000, beta_start=0.00085, beta_end=0.012):
-    """SD's noise schedule (sd-reference.md A5): betas linear in sqrt space, alpha_bar their running product."""
+    """SD's noise schedule: betas linear in sqrt space from 0.00085 to 0.012, alpha_bar their running product."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32) ** 2
     return torch.cumprod(1 - betas, dim=0)
 
@@ -113,14 +114,14 @@ def scaled_linear_alphas_cumprod(T=1000, beta_start=0.00085, beta_end=0.012):
 def write_pipeline_files(sd_dir):
     """The small json files that make sd_dir a diffusers StableDiffusionPipeline folder (SD1.5's scheduler)."""
     with open(os.path.join(sd_dir, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": model.DIFFUSERS_VERSION,
+        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": weights.DIFFUSERS_VERSION,
                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                    "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
                    "feature_extractor": [None, None], "requires_safety_checker": False}, f, indent=2)
     os.makedirs(os.path.join(sd_dir, "scheduler"), exist_ok=True)
     with open(os.path.join(sd_dir, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": "DDIMScheduler", "_diffusers_version": model.DIFFUSERS_VERSION,
+        json.dump({"_class_name": "DDIMScheduler", "_diffusers_version": weights.DIFFUSERS_VERSION,
                    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                    "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
                    "prediction_type": "epsilon", "timestep_spacing": "trailing"}, f, indent=2)
@@ -131,7 +132,7 @@ def train_teacher():
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from toy.tokenizer import write_clip_tokenizer
     sd_dir = os.path.join(out_dir, "sd")
-    vae = model.load_vae(sd_dir).requires_grad_(False)
+    vae = weights.load_vae(sd_dir).requires_grad_(False)
     scale = vae.cfg.scaling_factor
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(sd_dir, "tokenizer"), shapes.VOCAB,
                                                              max_length=text_positions))
@@ -173,7 +174,7 @@ def train_teacher():
 
 
 def save_teacher(sd_dir, unet, text):
-    model.save_pretrained(unet, os.path.join(sd_dir, "unet"))
+    weights.save_pretrained(unet, os.path.join(sd_dir, "unet"))
     text.save_pretrained(os.path.join(sd_dir, "text_encoder"))
     write_pipeline_files(sd_dir)
 
@@ -184,7 +185,7 @@ def train_lpips(pixel=False):
     it), the trunk of the 'pixel-lpips' regression loss; it learns the same attribute task from pixels."""
     from losses import IMAGENET_SCALE, IMAGENET_SHIFT, LatentLPIPS
     from toy.classifier import N_CLASSES
-    vae = None if pixel else model.load_vae(os.path.join(out_dir, "sd")).requires_grad_(False)  # pixels need none
+    vae = None if pixel else weights.load_vae(os.path.join(out_dir, "sd")).requires_grad_(False)  # pixels need none
     torch.manual_seed(seed)
     c = 3 if pixel else vae.cfg.latent_channels
     lp = LatentLPIPS(in_channels=c, width=lpips_width, latent=not pixel)
@@ -219,7 +220,7 @@ def train_lpips(pixel=False):
 
 def eval_teacher(n=500):
     """The teacher's rows of the toy table (eval.py), kept beside the weights so train.py can print them."""
-    from eval import markdown, toy_table
+    from toy.metrics import markdown, toy_table
     from teacher import load_teacher
     t0 = time.time()
     table = toy_table(load_teacher(os.path.join(out_dir, "sd")), {}, n=n)
@@ -229,8 +230,10 @@ def eval_teacher(n=500):
     with open(os.path.join(out_dir, "teacher_metrics.json"), "w") as f:
         json.dump(table, f, indent=2)
     # a grid by threes: a real image with the caption, the teacher at guidance 3, at guidance 1 (same z per caption)
-    from teacher import seeded_noise
     from PIL import Image
+
+    from common import image_grid
+    from teacher import seeded_noise
     T = load_teacher(os.path.join(out_dir, "sd"))
     n_obj = [1] * 8 + [2] * 8
     caps = [shapes.sample(s, k)[1] for s, k in zip(shapes.val_seeds(16), n_obj)]
@@ -238,7 +241,7 @@ def eval_teacher(n=500):
     cond, uncond = T.conditions(caps)
     z = seeded_noise(range(10**6, 10**6 + 16), T.latent_shape())
     rows = [T.decode(T.sample(z, cond, uncond, 25, g)) for g in (3.0, 1.0)]
-    grid = shapes.to_pil(torch.stack([real, *rows], 1).flatten(0, 1), nrow=12)
+    grid = image_grid(torch.stack([real, *rows], 1).flatten(0, 1), nrow=12)
     grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(os.path.join(out_dir, "teacher_grid.png"))
     print(md + f"\neval: {time.time() - t0:.0f}s")
 

@@ -126,22 +126,12 @@ def make_batch(seeds, n_objects=None):
     return x.float() / 127.5 - 1, list(caps), torch.tensor(labels, dtype=torch.long)
 
 
-def to_pil(images, nrow=8):
-    """A grid image of [N,3,H,W] floats in [-1,1] (data, VAE output or generator samples)."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()  # any device and dtype
-    x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=64)  # a thin frame, so that tiles do not merge
-    n, c, h, w = x.shape
-    ncol = (n + nrow - 1) // nrow
-    x = torch.cat([x, x.new_zeros(ncol * nrow - n, c, h, w)])  # pad the last row
-    x = x.view(ncol, nrow, c, h, w).permute(0, 3, 1, 4, 2).reshape(ncol * h, nrow * w, c)
-    return Image.fromarray(x.numpy())
-
-
 if __name__ == "__main__":
     import sys
     path = sys.argv[1] if len(sys.argv) > 1 else "toy_grid.png"
     x, caps, _ = make_batch(val_seeds(64))
-    to_pil(x).resize((8 * 34 * 4, 8 * 34 * 4), Image.NEAREST).save(path)
+    from common import image_grid
+    image_grid(x).resize((8 * 34 * 4, 8 * 34 * 4), Image.NEAREST).save(path)
     for i, c in enumerate(caps):
         print(f"{i // 8},{i % 8}: {c}")
     print(f"saved {path}; vocabulary of {len(VOCAB)} words: {' '.join(VOCAB)}")
