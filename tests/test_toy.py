@@ -231,3 +231,36 @@ def test_sharpness_sees_blur_that_the_fid_like_distance_barely_sees(toy_teacher)
     ratios = [hf_power(classifier.blur(images, torch.full((100,), s))) / ref for s in (0.5, 1.0)]
     assert ratios[0] < 0.7 and ratios[1] < 0.5 * ratios[0], ratios
     assert hf_power(images + 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))) > 1.2 * ref
+
+
+# -----------------------------------------------------------------------------
+# toy.seeds: one recipe over several seeds
+
+
+def test_seeds_summary_and_paired_difference(tmp_path, capsys):
+    """mean ± sd per metric over a recipe's seeds, and the paired difference of two recipes with its standard error,
+    against numbers worked out by hand."""
+    from toy import seeds
+    for recipe, fids in (("a", [10.0, 12.0, 14.0]), ("b", [11.0, 14.0, 14.0])):
+        for s, fid in enumerate(fids):
+            (tmp_path / recipe / f"seed{s}").mkdir(parents=True)
+            row = {"1": {"fid": fid, "acc": 0.9}, "2": {"fid": 2 * fid, "acc": 0.8}}
+            (tmp_path / recipe / f"seed{s}" / "metrics.json").write_text(json.dumps({"step": 5, "student": row}))
+    seeds.main([f"--compare={tmp_path}/a,{tmp_path}/b"])
+    out = capsys.readouterr().out
+    assert re.search(r"fid, 1 obj\.\s+12\.0000 ± 2\.0000", out)  # a: mean 12, sd 2
+    # a - b per seed: -1, -2, 0 -> mean -1, sd 1, SE 1/sqrt(3)
+    assert re.search(r"fid, 1 obj\.\s+-1\.0000 ± 0\.5774 \(SE\)\s+mean/SE -1\.73", out), out
+
+
+def test_seeds_runs_each_seed_and_resumes(tmp_path, run):
+    """Two seeds, two at a time, on the committed toy world with a few pairs: the first run makes the pairs, then
+    both train and write their metrics; the same command again finds them finished and only prints the table."""
+    cmd = ["-m", "toy.seeds", f"--out_dir={tmp_path}/rec", "--seeds=3,4", "--jobs=2", f"--pairs={tmp_path}/pairs",
+           "--toy_pairs=12", "--d_holdout=2", "--batch_size=4", "--max_steps=1", "--eval_samples=4"]
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    assert all((tmp_path / "rec" / f"seed{s}" / "metrics.json").exists() for s in (3, 4))
+    assert "seeds [3, 4]" in r.stdout and re.search(r"fid, 1 obj\.\s+\d+\.\d+ ± \d+\.\d+", r.stdout)
+    r = run(cmd)
+    assert r.returncode == 0 and "train.py" not in r.stdout and "seeds [3, 4]" in r.stdout, r.stdout
