@@ -98,15 +98,16 @@ if toy:
 if lpips == "toy" and not toy and regression in ("latent-lpips", "e-latent-lpips"):
     raise SystemExit(f"--lpips=toy is the toy world's LatentLPIPS: with --teacher={teacher} give sd15, sd21, sdxl or a file")
 
-# -----------------------------------------------------------------------------
-# distributed: torchrun sets RANK; plain python runs the same lines with world = 1
-for knob, b1 in (("lr_g", beta1), ("lr_d", beta1_d)):  # Adam's first step is lr / (1 - beta1): float32 must hold it
-    if not 0 <= globals()[knob] / (1 - b1) < torch.finfo(torch.float32).max:
+for knob, b1 in (("lr_g", beta1), ("lr_d", beta1_d)):  # values that cannot work stop here, by name
+    if not 0 <= globals()[knob] / (1 - b1) < torch.finfo(torch.float32).max:  # Adam's first step is lr / (1 - beta1)
         raise SystemExit(f"--{knob}={globals()[knob]}: Adam's first step, lr / (1 - beta1), must be a float32 number "
                          "and not negative")
 for knob in ("batch_size", "grad_accum", "max_steps", "log_interval", "ckpt_interval", "sample_interval", "r1_interval"):
     if globals()[knob] < 1:
         raise SystemExit(f"--{knob}={globals()[knob]}: must be at least 1")
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun sets RANK; plain python runs the same lines with world = 1
 ddp, rank, world, device = setup_distributed(device)  # nccl on GPU (one per rank), gloo on CPU
 master = rank == 0
 if batch_size % (world * grad_accum):
