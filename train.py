@@ -41,15 +41,17 @@ augment = "bg"  # E-LatentLPIPS ensemble: letters of b(lit) g(eometric) c(olour)
 pixel_vgg = ""  # pixel-lpips only: an ImageNet VGG16-BN LPIPS file (image space); '' = the toy's (toy only)
 # GAN
 gan = True  # False = regression only (the paper's first ablation table)
-lambda_gan = 0.1  # weight of the adversarial term in G's loss (not published: tuned on the toy)
+lambda_gan = 1.0  # weight of the adversarial term in G's loss (not published: tuned on the toy, toy/README.md)
 d_init = "teacher"  # 'teacher' or 'scratch'
 d_z_cond = True  # D sees the noise z (zero-initialised conv)
 d_ms_input = True  # multiscale input: resized x at every encoder level
 d_ms_output = True  # multiscale output: heads before, at and after every skip connection
 t_D = 0  # D's fixed timestep input: it judges clean latents
 mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
-r1_gamma = 1.0  # R1 weight on D's per-sample score, the one its loss reads (not published; the SD configs scale it)
-r1_interval = 16  # lazy R1: every this many steps, scaled by the interval; its gradient is never clipped
+r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not published: tuned on the toy's 8x8
+# latents; the SD configs scale it by latent area, see config/sd15.py)
+r1_interval = 1  # R1 every step. Departs from the paper's lazy R1 (every 16 steps at 16x the weight): on the toy each
+# lazy step's spike fills D's Adam second moment (beta1_d=0) and D falls to chance (toy/README.md). Never clipped
 r1_single = True  # R1 on one real sample (paper) or on the whole batch
 # optimisation
 batch_size = 64  # global batch: per GPU it is batch_size // (world size * grad_accum)

@@ -8,6 +8,11 @@ teacher = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 pairs = "pairs/sd15-cfg3"
 lpips = "sd15"  # the authors' calibrated LatentLPIPS (CC-BY-NC), downloaded once
 regression = "e-latent-lpips"
+# R1: the gradient of D's per-sample score (a mean over logit positions) w.r.t. its input shrinks with the
+# latent's area (measured on the toy's D: ||grad||^2 falls 4x per 4x area, 8x8 -> 64x64), so gamma grows
+# with it to keep R1's pull beside D's loss: the toy's 0.1 at 8x8 latents, x64 for 64x64. The batch does not
+# enter: R1 is on one sample and D's loss is a batch mean, neither grows with the batch
+r1_gamma = 6.4
 batch_size = 128
 max_steps = 20000  # the paper's ablations ran 20k iterations
 lr_g = 1e-5

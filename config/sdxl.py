@@ -6,6 +6,11 @@ teacher = "stabilityai/stable-diffusion-xl-base-1.0"
 pairs = "pairs/sdxl-cfg3"
 lpips = "sdxl"
 regression = "e-latent-lpips"
+# R1: the gradient of D's per-sample score (a mean over logit positions) w.r.t. its input shrinks with the
+# latent's area (measured on the toy's D: ||grad||^2 falls 4x per 4x area, 8x8 -> 64x64), so gamma grows
+# with it to keep R1's pull beside D's loss: the toy's 0.1 at 8x8 latents, x256 for 128x128. The batch does not
+# enter: R1 is on one sample and D's loss is a batch mean, neither grows with the batch
+r1_gamma = 25.6
 batch_size = 64
 grad_accum = 4
 max_steps = 20000
