@@ -34,7 +34,9 @@ def root():
 def run():
     """run(["train.py", "--key=value", ...]) runs a script (or ["-m", "module", ...]) from the project's folder in a
     fresh Python, as a user would, and returns the finished process (returncode, stdout, stderr)."""
-    def run(args, **kw):
+    def run(args, **kw):  # one thread each (unless env says otherwise): the tests' tiny tensors run no faster on two,
+        # and OpenMP's waiting threads slow them down on cores that other work shares
+        kw["env"] = {"OMP_NUM_THREADS": "1", **kw.get("env", os.environ)}
         return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                               timeout=600, **kw)
     return run

@@ -65,22 +65,23 @@ def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch, root
     assert (g_clip, d_clip) == (0.5, float("inf"))
 
 
-def test_r1_is_not_clipped_with_the_d_loss(world, tmp_path, run):
+def test_r1_is_not_clipped_with_the_d_loss(world, tmp_path, monkeypatch, capsys, root):
     """R1's gradient joins D's after the clip: the clipped norm (gnorm_d, logged before clipping) is the D loss's
     alone, the same with R1 at weight 0 or 1e5, while the weights D ends with differ. At step 1 D's heads are zero,
     so R1 has no gradient; step 2 shows it. Clipped together, gnorm_d grew with gamma and every R1 step had the clip's
     length whatever gamma was."""
-    logs = {}
+    logs, D = {}, {}
     for gamma in (0, 100000):
-        r = run(["train.py", *args(world, tmp_path / f"g{gamma}", max_steps=2, r1_interval=1, r1_gamma=gamma,
-                                   grad_clip_d=1e-3, mix_match=0, regression="l2")])
-        assert r.returncode == 0, r.stderr[-3000:]
-        line = [l for l in r.stdout.splitlines() if l.startswith("step 2 |")][0]
+        monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path / f"g{gamma}", max_steps=2, r1_interval=1,
+                                                            r1_gamma=gamma, grad_clip_d=1e-3, mix_match=0,
+                                                            regression="l2")])
+        g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 2 |")][0]
         logs[gamma] = dict(kv.split(" ") for kv in line.split(" | ")[1:] if kv.count(" ") == 1)
+        D[gamma] = g["raw_D"].state_dict()
     assert logs[0]["gnorm_d"] == logs[100000]["gnorm_d"]
     assert float(logs[100000]["r1"]) > 0
-    d0, d100 = load(tmp_path / "g0")["D"], load(tmp_path / "g100000")["D"]
-    assert any(not torch.equal(v, d100[k]) for k, v in d0.items())
+    assert any(not torch.equal(v, D[100000][k]) for k, v in D[0].items())
 
 
 def test_the_log_shows_d_health(world, tmp_path, monkeypatch, capsys, run, root):
@@ -121,11 +122,23 @@ def load(out):
     return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
-def test_resume_equals_uninterrupted(world, tmp_path, run):
-    a, b = tmp_path / "a", tmp_path / "b"
-    r = run(["train.py", *args(world, a, max_steps=4)])
+@pytest.fixture(scope="module")
+def base(world, tmp_path_factory, run):
+    """A 2-step run checkpointed at both steps (ckpt.pt at step 2, ckpt.pt.prev at step 1, log.txt): tests copy it."""
+    out = tmp_path_factory.mktemp("base")
+    r = run(["train.py", *args(world, out, max_steps=2, ckpt_interval=1)])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run(["train.py", *args(world, b, max_steps=2)])
+    return out
+
+
+def copy_of(base, tmp_path):
+    import shutil
+    return shutil.copytree(base, tmp_path / "run")
+
+
+def test_resume_equals_uninterrupted(world, base, tmp_path, run):
+    a, b = tmp_path / "a", copy_of(base, tmp_path)
+    r = run(["train.py", *args(world, a, max_steps=4)])
     assert r.returncode == 0, r.stderr[-3000:]
     r = run(["train.py", *args(world, b, max_steps=4)])
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
@@ -259,18 +272,17 @@ def test_every_regression_loss_trains_G(world, tmp_path, regression, run):
 # nothing lost, nothing silent: damaged checkpoints, runaway weights, bad knobs, resumed logs, interrupted toy pairs
 
 
-def test_a_damaged_checkpoint_is_refused_by_name_and_kept(world, tmp_path, run):
+def test_a_damaged_checkpoint_is_refused_by_name_and_kept(world, base, tmp_path, run):
     """4 bytes flipped in one tensor of ckpt.pt: train.py stops naming the tensor and the checkpoint before it, and
     leaves the file as it was (it used to resume silently and overwrite it); sample.py refuses it too."""
-    r = run(["train.py", *args(world, tmp_path, max_steps=2, ckpt_interval=1)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    path = tmp_path / "ckpt.pt"
+    out = copy_of(base, tmp_path)
+    path = out / "ckpt.pt"
     data = bytearray(path.read_bytes())
-    target = load(tmp_path)["G"]["conv_in.weight"].numpy().tobytes()[:64]  # find the tensor's bytes in the file
+    target = load(out)["G"]["conv_in.weight"].numpy().tobytes()[:64]  # find the tensor's bytes in the file
     at = bytes(data).index(target)
     data[at + 8:at + 12] = bytes(b ^ 0xFF for b in data[at + 8:at + 12])
     path.write_bytes(bytes(data))
-    r = run(["train.py", *args(world, tmp_path, max_steps=4)])
+    r = run(["train.py", *args(world, out, max_steps=4)])
     assert r.returncode != 0 and "tensor G.conv_in.weight fails its checksum" in r.stderr, r.stderr[-2000:]
     assert f"mv {path}.prev {path}" in r.stderr and "Traceback" not in r.stderr
     assert path.read_bytes() == bytes(data)
@@ -278,54 +290,55 @@ def test_a_damaged_checkpoint_is_refused_by_name_and_kept(world, tmp_path, run):
     assert r.returncode != 0 and "fails its checksum" in r.stderr, r.stderr[-2000:]
 
 
-def test_broken_checkpoint_files_get_one_line(world, tmp_path, run):
+def test_broken_checkpoint_files_get_one_line(world, base, tmp_path, run):
     """Empty, half-length and text files as ckpt.pt: one line naming the file, never torch's advice to load with
     weights_only=False."""
-    r = run(["train.py", *args(world, tmp_path, max_steps=1)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    path = tmp_path / "ckpt.pt"
+    out = copy_of(base, tmp_path)
+    path = out / "ckpt.pt"
     good = path.read_bytes()
     for content in (b"", good[:len(good) // 2], b"hello, this is not a checkpoint"):
         path.write_bytes(content)
-        r = run(["train.py", *args(world, tmp_path, max_steps=2)])
+        r = run(["train.py", *args(world, out, max_steps=3)])
         err = [l for l in r.stderr.splitlines() if l.strip() and "Loading weights" not in l]
         assert r.returncode != 0 and len(err) == 1 and str(path) in err[0] and "weights_only" not in err[0], r.stderr
         assert path.read_bytes() == content
 
 
-def test_runaway_weights_are_never_checkpointed(world, tmp_path, run):
+def test_runaway_weights_are_never_checkpointed(world, base, tmp_path, run):
     """lr 1e30 fits in float32 but throws the weights out of any usable range at once: the run stops at the first
     checkpoint naming the step and the tensor, and the checkpoint from before stays (it used to be replaced)."""
-    r = run(["train.py", *args(world, tmp_path, max_steps=2, ckpt_interval=1)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    before = (tmp_path / "ckpt.pt").read_bytes()
-    r = run(["train.py", *args(world, tmp_path, max_steps=3, lr_g=1e30)])
+    out = copy_of(base, tmp_path)
+    before = (out / "ckpt.pt").read_bytes()
+    r = run(["train.py", *args(world, out, max_steps=3, lr_g=1e30)])
     assert r.returncode != 0 and "step 3: G's weights are not finite" in r.stderr, r.stderr[-2000:]
     assert "the last good checkpoint" in r.stderr and "(step 2), is untouched" in r.stderr
-    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert (out / "ckpt.pt").read_bytes() == before
     r = run(["train.py", *args(world, tmp_path / "fresh", max_steps=3, ckpt_interval=1, lr_g=1e30)])
     assert r.returncode != 0 and "step 1: G's weights" in r.stderr and "no checkpoint was written" in r.stderr
     assert not (tmp_path / "fresh" / "ckpt.pt").exists()
 
 
-@pytest.mark.parametrize("knob", ["--lr_g=3e38", "--lr_d=-1.0", "--batch_size=0", "--grad_accum=3"])
-def test_knobs_that_cannot_work_are_refused_by_name(world, tmp_path, knob, run):
-    r = run(["train.py", *args(world, tmp_path), knob, "--max_steps=1"])
-    assert r.returncode != 0 and knob.split("=")[0] in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert not (tmp_path / "ckpt.pt").exists()
+def test_knobs_that_cannot_work_are_refused_by_name(world, tmp_path, monkeypatch, root):
+    """Each stops train.py before anything is built, with one message naming the knob (a SystemExit: no traceback)."""
+    for knob in ("--lr_g=3e38", "--lr_d=-1.0", "--batch_size=0", "--grad_accum=3"):
+        monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path), knob, "--max_steps=1"])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+        message = str(stop.value.code)
+        assert knob.split("=")[0] in message and "\n" not in message, message
+        assert not (tmp_path / "ckpt.pt").exists()
 
 
-def test_a_resumed_log_reads_as_one_run(world, tmp_path, run):
-    """A run stopped after step 4 but resumed from its step-2 checkpoint: log.txt keeps steps 1-2, says where it
-    resumed, then steps 3-4 once each."""
-    r = run(["train.py", *args(world, tmp_path, max_steps=4, ckpt_interval=2)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    os.replace(tmp_path / "ckpt.pt.prev", tmp_path / "ckpt.pt")  # what a kill after step 4 but before its save leaves
-    r = run(["train.py", *args(world, tmp_path, max_steps=4, ckpt_interval=2)])
+def test_a_resumed_log_reads_as_one_run(world, base, tmp_path, run):
+    """A run stopped after step 2 but resumed from its step-1 checkpoint: log.txt keeps step 1, says where it
+    resumed, then step 2 once."""
+    out = copy_of(base, tmp_path)
+    os.replace(out / "ckpt.pt.prev", out / "ckpt.pt")  # what a kill after step 2 but before its save leaves
+    r = run(["train.py", *args(world, out, max_steps=2, ckpt_interval=1)])
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
-    steps = [int(l.split()[1]) for l in (tmp_path / "log.txt").read_text().splitlines() if l.startswith("step ")]
-    assert steps == [1, 2, 3, 4], steps
-    assert "resumed from" in (tmp_path / "log.txt").read_text()
+    steps = [int(l.split()[1]) for l in (out / "log.txt").read_text().splitlines() if l.startswith("step ")]
+    assert steps == [1, 2], steps
+    assert "resumed from" in (out / "log.txt").read_text()
 
 
 def test_interrupted_toy_pairs_are_finished_by_the_same_command(tmp_path, run):
