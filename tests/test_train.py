@@ -255,17 +255,17 @@ def test_nan_stops_the_run_by_name(world, tmp_path, run):
     assert load(tmp_path)["step"] == 1 and all(torch.isfinite(v).all() for v in load(tmp_path)["G"].values())
 
 
-@pytest.mark.parametrize("regression", ["l2", "pseudo-huber", "latent-lpips", "pixel-lpips"])
-def test_every_regression_loss_trains_G(world, tmp_path, regression, run):
+def test_every_regression_loss_trains_G(world, tmp_path, monkeypatch, root):
     """The ablation's other regression losses run and move G (pixel-lpips decodes with gradients, through the
-    image-space VGG16-BN that toy.build's pixel stage writes, untrained here)."""
-    vgg = world / "toy_pixel_vgg16.safetensors"
-    r = run(["train.py", *args(world, tmp_path, max_steps=1, gan=False, regression=regression, pixel_vgg=vgg)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    G = load(tmp_path)["G"]
+    image-space VGG16-BN that toy.build's pixel stage writes, untrained here). In this process: one step each."""
     import weights
     teacher = weights.load_unet(str(world / "sd")).state_dict()
-    assert any(not torch.equal(v, teacher[k]) for k, v in G.items())
+    vgg = world / "toy_pixel_vgg16.safetensors"
+    for regression in ("l2", "pseudo-huber", "latent-lpips", "pixel-lpips"):
+        monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path / regression, max_steps=1, gan=False,
+                                                            regression=regression, pixel_vgg=vgg)])
+        G = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")["raw_G"].state_dict()
+        assert any(not torch.equal(v, teacher[k]) for k, v in G.items()), regression
 
 
 # -----------------------------------------------------------------------------
