@@ -8,6 +8,8 @@ Compare numbers only within one run on one machine.
     python bench.py --what=onestep,pairs --compile=True --batch=16  # text + UNet + VAE decode at 512 px, batch 1;
                                                    # the UNet at batch 2x16; DDIM-50 + CFG 3 pairs/s at batch 16
     python bench.py --what=train --batch=8         # train.py's step at SD1.5 size: img/s, MFU, peak memory
+    python bench.py --what=train --batch=8 --activation_checkpointing=True --optim_dtype=bfloat16 --ema_cpu=True
+                                                   # the same with train.py's memory modes (MEMORY.md)
     python bench.py --what=onestep --unet=tiny-sd1 --vae=tiny   # any section on tiny models: try it on a CPU
 
 onestep, pairs and train use random weights of the SD1.5 shapes (model.py presets and a CLIP-L text tower).
@@ -22,6 +24,7 @@ measured on an H200 and an H100 beside the peers, with the commands; the paper g
 E-LatentLPIPS on an A100 (Kang et al. 2024, Sec. 3.2).
 """
 import copy
+import functools
 import time
 
 import torch
@@ -47,6 +50,9 @@ compile_text = False  # onestep: torch.compile the text tower too (with --compil
 betas = (0.9, 0.99)  # train: G's Adam betas, train.py's defaults (they do not change the step's cost)
 betas_d = (0.0, 0.99)  # train: D's Adam betas, train.py's defaults
 fused_adamw = True  # train: fused AdamW on cuda, as train.py (False: PyTorch's default foreach, as run 1)
+activation_checkpointing = False  # train: train.py's memory modes (MEMORY.md): recompute each UNet block's forward,
+optim_dtype = 'float32'  # Adam's moments in float32, bfloat16 or 8bit (bitsandbytes),
+ema_cpu = False  # and the EMA in CPU memory
 warmup = 3  # untimed iterations first (compilation happens here)
 iters = 10  # timed iterations
 from configurator import configure  # noqa: E402
@@ -157,6 +163,7 @@ if 'train' in sections:
     # train.py's step with its defaults, on random modules of the preset's shapes (grad_accum 1, one process)
     from discriminator import Discriminator
     from losses import LatentLPIPS, gan_loss_d, gan_loss_g, r1_penalty
+    from memory import AdamW, adamw_8bit, checkpoint_blocks, optimizer_state_bytes, tensor_bytes
     from teacher import one_step
     from teacher import make_alphas_cumprod
     from torch.utils.flop_counter import FlopCounterMode
@@ -164,11 +171,22 @@ if 'train' in sections:
         raw_G = model.UNet(cfg).train()  # fp32 master weights, as train.py (the teacher's copy)
         raw_D = Discriminator(raw_G).train()  # teacher-initialised, z-conditioned, multiscale in and out
         lpips = LatentLPIPS()  # full width, frozen
-    ema = copy.deepcopy(raw_G).eval().requires_grad_(False)
+    ema = copy.deepcopy(raw_G).eval().requires_grad_(False).to('cpu' if ema_cpu else device)
     text = text_tower(cfg.context_dim)
+    if activation_checkpointing:  # R1 then runs on a plain weightless D fed D's weights, as in train.py
+        with torch.device('meta'):
+            D_r1 = Discriminator(raw_G, init='scratch')
+        checkpoint_blocks(raw_G)
+        checkpoint_blocks(raw_D)
     fused = fused_adamw and device == 'cuda'  # fused AdamW is CUDA-only here
-    opt_g = torch.optim.AdamW(raw_G.parameters(), lr=1e-5, betas=betas, fused=fused)
-    opt_d = torch.optim.AdamW(raw_D.parameters(), lr=1e-5, betas=betas_d, fused=fused)
+    if optim_dtype == 'float32':
+        adamw, kind = functools.partial(torch.optim.AdamW, fused=fused), 'fused' if fused else 'foreach'
+    elif optim_dtype == 'bfloat16':
+        adamw, kind = functools.partial(AdamW, state_dtype=torch.bfloat16), 'bf16 moments'
+    else:
+        adamw, kind = adamw_8bit, '8-bit'
+    opt_g = adamw(raw_G.parameters(), lr=1e-5, betas=betas)
+    opt_d = adamw(raw_D.parameters(), lr=1e-5, betas=betas_d)
     scaler = torch.amp.GradScaler(device, enabled=torch.float16 in (dtype, dtype_g))
     abar, n, B, k = make_alphas_cumprod().to(device), cfg.sample_size, batch, round(0.25 * batch)
     z = torch.randn(B, cfg.in_channels, n, n, device=device)
@@ -197,12 +215,15 @@ if 'train' in sections:
             opt.zero_grad(set_to_none=True)
         scaler.update()
         with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(raw_G.parameters()), 0.01)
+            weights = [p.to(ema.conv_in.weight.device) for p in raw_G.parameters()]  # (ema_cpu: a copy)
+            torch._foreach_lerp_(list(ema.parameters()), weights, 0.01)
 
     def r1_step():  # train.py's lazy R1: one real sample, the uncompiled D, math attention (double backward)
         raw_D.requires_grad_(True)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            r1_penalty(lambda xx: raw_D(xx, z[:1], c1), x[:1], interval=r1_interval).backward()
+            d = raw_D if not activation_checkpointing else (
+                lambda *a: torch.func.functional_call(D_r1, dict(raw_D.named_parameters()), a))
+            r1_penalty(lambda xx: d(xx, z[:1], c1), x[:1], interval=r1_interval).backward()
         raw_D.requires_grad_(False)
         opt_d.zero_grad(set_to_none=True)
 
@@ -232,9 +253,16 @@ if 'train' in sections:
     peak_r1 = f", peak {peak_memory():.1f} GiB" if device == 'cuda' else ""
     ms_lpips = timed(lpips_step)
     ms_all = ms + ms_r1 / r1_interval
+    trained = tensor_bytes([*raw_G.parameters(), *raw_D.parameters()])  # fp32 weights, and as much in gradients
+    held = 2 * trained + optimizer_state_bytes(opt_g) + optimizer_state_bytes(opt_d) + (0 if ema_cpu else tensor_bytes(
+        ema.parameters()))
+    n_trained = sum(p.numel() for p in [*raw_G.parameters(), *raw_D.parameters()])
+    states = (f" | weights, gradients, Adam, EMA on the {device}: {held / 2**30:.2f} GiB, "
+              f"{held / n_trained:.1f} bytes per trained parameter")
     tag = (f"batch {B} | {n}x{n} latents | {unet} | {run} | G {str(dtype_g).removeprefix('torch.')} | "
-           f"AdamW {'fused' if fused else 'foreach'}")
-    print(f"training step (G + D + E-LatentLPIPS), no R1 | {tag} | {ms:.1f} ms{peak}")
+           f"AC {'on' if activation_checkpointing else 'off'}, EMA {'in CPU memory' if ema_cpu else 'beside G'} | "
+           f"AdamW {kind}")
+    print(f"training step (G + D + E-LatentLPIPS), no R1 | {tag} | {ms:.1f} ms{peak}{states}")
     print(f"R1 step (1 sample, uncompiled D, math attention) | {tag} | {ms_r1:.1f} ms{peak_r1}, "
           f"1/{r1_interval} of steps")
     print(f"training step, R1 amortised | {tag} | {ms_all:.1f} ms | {B / ms_all * 1000:.1f} img/s | "

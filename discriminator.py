@@ -58,6 +58,10 @@ class Discriminator(nn.Module):
         self.heads = nn.ModuleList(heads) if ms_output else None
         self.out_head = logit_head(C[0], G)  # the final output map
 
+    def blocks(self):
+        """The backbone's resnets and spatial transformers (UNet.blocks); the heads and input convs are small."""
+        return self.unet.blocks()
+
     def forward(self, x, z, context, pooled=None, time_ids=None):
         """x: clean latent [B,C,H,W], z: its noise [B,C,H,W], context/pooled/time_ids: the prompt, as for the UNet.
         Returns a list of logit maps [B,1,h,w] (the multiscale heads, then the final map)."""

@@ -281,6 +281,12 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, C[0], eps=1e-5)
         self.conv_out = nn.Conv2d(C[0], cfg.out_channels, 3, padding=1)
 
+    def blocks(self):
+        """Every resnet and spatial transformer, down path, middle and up path: the units that FSDP shards and that
+        activation checkpointing recomputes (train.py); the rest (conv_in/out, embeddings, resamplers) is small."""
+        return [b for level in (*self.down_blocks, self.mid_block, *self.up_blocks)
+                for b in (*level.resnets, *level.attentions)]
+
     def embed(self, t, batch, pooled=None, time_ids=None):
         """The time embedding (+ SDXL's pooled-text and size/crop embedding), shape [B, 4*C0]; [1, 4*C0] for a
         scalar t without pooled text: one row, broadcast by the resnets. That saves work, and keeps every sample's

@@ -5,6 +5,7 @@ One-step text-to-image with a Diffusion2GAN student: prompt -> z -> one UNet cal
     python sample.py --ckpt=out/toy/ckpt.pt --prompts=captions.txt --out_dir=out/samples --with_teacher=True
     python sample.py --ckpt=out/toy/ckpt.pt --export=out/toy/student_unet    # the student as a diffusers UNet folder
     python sample.py --ckpt=out/toy/ckpt.pt --export=out/toy/student.safetensors  # or as one original-layout file
+    python sample.py --ckpt=out/sdxl-cfg3/ckpt --export=out/sdxl-cfg3/student_unet  # a sharded (parallel=fsdp) one
 
 The checkpoint's config names the teacher (for the text encoder, VAE and noise schedule) and G's parameterisation.
 An exported student runs in diffusers as one DDIM step from t=999 that lands exactly on x0 (set_alpha_to_one=True;
@@ -40,15 +41,26 @@ def teacher_of(cfg):
     return cfg["teacher"]
 
 
+def read_student(ckpt_path, ema=True):
+    """A train.py checkpoint as {config, unet_config, and its EMA (or G) weights under 'ema' ('G')}: from the file
+    ckpt.pt, or from the sharded folder that parallel=fsdp writes (its shards put together whole, any world size)."""
+    from weights import load_checkpoint, read_sharded_part
+    if os.path.isdir(ckpt_path):
+        part = "ema" if ema else "G"
+        sd, meta = read_sharded_part(ckpt_path, part)
+        return meta | {part: sd}
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint (--ckpt= a train.py checkpoint: out_dir/ckpt.pt, "
+                                "or the folder out_dir/ckpt of parallel=fsdp)")
+    return load_checkpoint(ckpt_path)
+
+
 def load_student(ckpt_path, device="cpu", ema=True):
     """(teacher, G, config) from a train.py checkpoint (a path, or the checkpoint already read): the teacher it names
     (text encoder, VAE, schedule) and G (its EMA weights by default) in eval mode."""
     import model
     from teacher import load_teacher
-    from weights import load_checkpoint
-    if isinstance(ckpt_path, str) and not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint (--ckpt= a train.py checkpoint: out_dir/ckpt.pt)")
-    ckpt = load_checkpoint(ckpt_path) if isinstance(ckpt_path, str) else ckpt_path
+    ckpt = read_student(ckpt_path, ema) if isinstance(ckpt_path, str) else ckpt_path
     cfg = ckpt["config"]
     cfg["teacher"] = teacher_of(cfg)
     T = load_teacher(cfg["teacher"], device)
@@ -80,10 +92,11 @@ def export_student(ckpt_path, path, force=False):
     """Write the EMA student of a train.py checkpoint to path: one original-layout .safetensors, or a diffusers UNet
     folder."""
     from teacher import save_single_file
-    from weights import load_checkpoint, save_pretrained
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"--ckpt={ckpt_path}: no such checkpoint (a train.py checkpoint: out_dir/ckpt.pt)")
-    ck = load_checkpoint(ckpt_path)
+    from weights import save_pretrained
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"--ckpt={ckpt_path}: no such checkpoint (a train.py checkpoint: out_dir/ckpt.pt, or the "
+                         "folder out_dir/ckpt of parallel=fsdp)")
+    ck = read_student(ckpt_path)
     c = ck["config"]
     if c["t_G"] != 999 or c["g_param"] != "teacher":  # the diffusers recipe reads t=999 and eps (or v)
         raise SystemExit(f"{ckpt_path}: a student trained with t_G={c['t_G']}, g_param={c['g_param']!r} does not "
@@ -101,7 +114,7 @@ def export_student(ckpt_path, path, force=False):
 
 
 # -----------------------------------------------------------------------------
-ckpt = "out/toy/ckpt.pt"  # a train.py checkpoint
+ckpt = "out/toy/ckpt.pt"  # a train.py checkpoint (or the folder out_dir/ckpt that parallel=fsdp writes)
 prompt = ""  # one prompt ...
 prompts = ""  # ... or a prompt file (.txt, .jsonl, COCO .json: see make_pairs.py)
 n = 8  # images per prompt

@@ -6,7 +6,8 @@ config -> distributed setup -> teacher, pairs -> G, D, losses, optimisers -> loo
     python train.py                                   # the toy world, end to end on a CPU (pairs made if missing)
     python train.py config/sd15.py --batch_size=16    # one GPU, a real teacher (pairs from make_pairs.py)
     torchrun --standalone --nproc_per_node=8 train.py config/sd15.py
-Re-running the same command resumes from out_dir/ckpt.pt.
+    torchrun --standalone --nproc_per_node=8 train.py config/sdxl.py --parallel=fsdp   # sharded: MEMORY.md
+Re-running the same command resumes from out_dir/ckpt.pt (--parallel=fsdp: the sharded folder out_dir/ckpt).
 """
 import copy
 import functools
@@ -30,7 +31,7 @@ d_holdout = 64  # the folder's last pairs, never trained on: D's score on them i
 # its training reals far above these)
 pair_steps = 25  # toy only: DDIM steps of the pairs (make_pairs.py's default is 50; 25 keeps the toy fast)
 pair_guidance = 3.0  # toy only: guidance of the pairs (the paper's SD-CFG-3 set)
-resume = True  # continue from out_dir/ckpt.pt when it exists
+resume = True  # continue from out_dir/ckpt.pt (parallel=fsdp: out_dir/ckpt/) when it exists
 # student G: a copy of the teacher UNet, queried once at the top of the schedule
 t_G = 999  # G's timestep input: pure noise in, as the ODE starts at t=999 with trailing spacing
 g_param = "teacher"  # 'teacher': G's output is read like the teacher's (eps or v) and turned into x0 in fp32; 'x0': read as x0
@@ -76,6 +77,15 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype
 dtype_g = "float16" if torch.cuda.is_available() else "float32"  # G's autocast dtype: its x0 is eps x14.6, and bf16's
 # 8-bit mantissa would put a noise floor on it (0.054 on the toy) that the teacher's pairs lack; fp16's is 8x lower
 compile = False  # torch.compile G and D (raw modules kept for saving and R1); costs minutes: on in config/sd15.py, sdxl.py
+# memory (MEMORY.md: bytes per parameter of each mode, and the peaks they give)
+parallel = "ddp"  # ddp: every GPU holds all of G, D, their Adam states and the EMA; fsdp: each GPU holds 1/world of
+# them (FSDP2, block by block; weights gathered in the autocast dtypes as each block runs), checkpoints in out_dir/ckpt/
+activation_checkpointing = False  # each UNet block of G and D keeps only its inputs and recomputes its forward in the
+# backward: most activation memory saved, for ~1/3 more compute per step
+optim_dtype = "float32"  # Adam's two moments: float32 (8 bytes/param), bfloat16 (4, rounded every step: fine with the
+# betas' 0.99), 8bit (2: bitsandbytes' AdamW8bit, CUDA and parallel=ddp only)
+ema_cpu = False  # keep the EMA (fp32) in CPU memory: 4 bytes/param off the GPU, for copying G's weights to the CPU
+# every step (a bf16 EMA is not offered: at ema_decay 0.9999 bf16 would round every update away)
 seed = 0
 log_interval = 20
 sample_interval = 200  # a fixed-seed grid: student (EMA) beside teacher
@@ -92,7 +102,9 @@ from common import DTYPES, autocast, image_grid, setup_distributed  # noqa: E402
 from discriminator import Discriminator  # noqa: E402
 from make_pairs import PairDataset, pairs_complete  # noqa: E402
 from teacher import load_teacher, one_step, seeded_noise  # noqa: E402
-from weights import load_checkpoint, save_checkpoint  # noqa: E402
+from memory import AdamW, adamw_8bit, checkpoint_blocks, local  # noqa: E402
+from weights import (finish_sharded_save, load_checkpoint, load_sharded_checkpoint, save_checkpoint,  # noqa: E402
+                     save_sharded_checkpoint)
 
 toy = teacher == "toy"  # the embedded default: the toy world's committed models, pairs made here, metrics at the end
 if toy:
@@ -107,10 +119,22 @@ for knob, b1 in (("lr_g", beta1), ("lr_d", beta1_d)):  # values that cannot work
 for knob in ("batch_size", "grad_accum", "max_steps", "log_interval", "ckpt_interval", "sample_interval", "r1_interval"):
     if globals()[knob] < 1:
         raise SystemExit(f"--{knob}={globals()[knob]}: must be at least 1")
+if parallel not in ("ddp", "fsdp") or optim_dtype not in ("float32", "bfloat16", "8bit"):
+    raise SystemExit(f"--parallel={parallel} --optim_dtype={optim_dtype}: parallel is ddp or fsdp; optim_dtype is "
+                     "float32, bfloat16 or 8bit")
+if optim_dtype == "8bit" and parallel == "fsdp":
+    raise SystemExit("--optim_dtype=8bit: bitsandbytes' AdamW8bit updates whole tensors, not FSDP's shards; use "
+                     "--optim_dtype=bfloat16 with --parallel=fsdp")
 
 # -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK; plain python runs the same lines with world = 1
-ddp, rank, world, device = setup_distributed(device)  # nccl on GPU (one per rank), gloo on CPU
+distributed, rank, world, device = setup_distributed(device)  # nccl on GPU (one per rank), gloo on CPU
+fsdp = parallel == "fsdp"
+if fsdp and not distributed:  # plain python: a process group of one, so that one process runs the same sharded lines
+    # and reads and writes the same sharded checkpoints as torchrun's N
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    distributed = True
 master = rank == 0
 if batch_size % (world * grad_accum):
     raise SystemExit(f"--batch_size={batch_size} must divide by the number of processes ({world}) x "
@@ -119,7 +143,10 @@ micro = batch_size // (world * grad_accum)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 ptdtype, ptdtype_g = DTYPES[dtype], DTYPES[dtype_g]
 ctx, ctx_g = autocast(device, ptdtype), autocast(device, ptdtype_g)
-scaler = torch.amp.GradScaler(device.split(":")[0], enabled=torch.float16 in (ptdtype, ptdtype_g))  # fp16: loss scaling
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler  # noqa: E402
+# fp16: loss scaling. Under FSDP each rank sees its shard of the gradients: ShardedGradScaler shares an inf among ranks
+scaler = (ShardedGradScaler if fsdp else torch.amp.GradScaler)(device.split(":")[0],
+                                                                enabled=torch.float16 in (ptdtype, ptdtype_g))
 if master:
     os.makedirs(out_dir, exist_ok=True)
     print(f"world {world} | micro-batch {micro} x accum {grad_accum} = global {batch_size} | {device} {dtype}")
@@ -140,7 +167,7 @@ if toy and not pairs_complete(pairs):  # made here, or finished here after an in
         make_pairs.main(prompts=prompt_file, out_dir=pairs, teacher=TOY_TEACHER, steps=pair_steps,
                         guidance=pair_guidance, batch_size=250, shard_size=1000, device=device.split(":")[0],
                         dtype="float32", latent_dtype="float32", onednn=True)  # oneDNN: 1.5x faster on CPU
-    if ddp:
+    if distributed:
         dist.barrier()
 data = PairDataset(pairs)
 made_by = data.index["settings"]["teacher_fingerprint"]  # pairs from another teacher would train G on the wrong task
@@ -182,7 +209,9 @@ def batches(step):
 # -----------------------------------------------------------------------------
 # G, D, the regression loss, optimisers, EMA
 G = copy.deepcopy(T.unet).float().train().requires_grad_(True)  # the student starts as the teacher
-ema = copy.deepcopy(G).eval().requires_grad_(False)
+ema = copy.deepcopy(G).eval().requires_grad_(False)  # fp32; with ema_cpu in CPU memory (under FSDP: its shards)
+if ema_cpu and not fsdp:
+    ema.to("cpu")
 D = None
 if gan:
     torch.manual_seed(seed)  # the new heads (and with d_init=scratch, all of D) start the same in every run
@@ -211,26 +240,90 @@ elif regression == "pixel-lpips":
         raise SystemExit("regression=pixel-lpips needs --pixel_vgg= an image-space VGG16-BN LPIPS file")
     lpips_net = lpips_from_file(pixel_vgg or TOY_PIXEL_VGG, latent=False).to(device)
 
-adamw = functools.partial(torch.optim.AdamW, weight_decay=weight_decay,
-                          fused=device.startswith("cuda"))  # fused: one pass over the weights, foreach's ~10 passes
+# -----------------------------------------------------------------------------
+# memory modes and sharding (MEMORY.md). Only G, D and the EMA change: the teacher's text encoder(s) and VAE and the
+# LPIPS trunk stay frozen, unsharded, on every GPU
+if gan and (fsdp or activation_checkpointing):  # R1's double backward needs D's blocks whole and not recomputed
+    # (FSDP frees each block's gathered weights after its backward; recomputation cannot be differentiated twice):
+    # it runs on this weightless plain D, fed D's weights (the loop)
+    with torch.device("meta"):
+        D_r1 = Discriminator(T.unet, init="scratch", z_cond=d_z_cond, ms_input=d_ms_input, ms_output=d_ms_output, t_D=t_D)
+if activation_checkpointing:
+    checkpoint_blocks(G)
+    if gan:
+        checkpoint_blocks(D)
+if fsdp:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.tensor import Partial
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+
+    def shard(net, dtype, offload=OffloadPolicy(), compiled=False):
+        """FSDP2 block by block: each resnet and spatial transformer (net.blocks()) is a unit whose weights are
+        gathered in `dtype` just before it runs and freed after, its gradients reduce-scattered in fp32; the root
+        unit holds the rest (convs in and out, embeddings, resamplers, D's heads). Parameters become DTensors that
+        hold this rank's shard of each fp32 weight, and the optimiser built on them keeps only that shard's state."""
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in net.blocks():
+            if compiled:  # per block, before sharding, as the root's forward runs FSDP's hooks
+                block.compile()
+            fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
+        fully_shard(net, mesh=mesh, mp_policy=policy, offload_policy=offload)
+
+    shard(G, ptdtype_g, compiled=compile)  # G's autocast dtype (fp16 on GPUs), D's (bf16)
+    shard(ema, ptdtype_g, CPUOffloadPolicy(pin_memory=device.startswith("cuda")) if ema_cpu else OffloadPolicy())
+    if gan:
+        shard(D, ptdtype, compiled=compile)
+
+if optim_dtype == "float32":  # fused: one pass over the weights, foreach's ~10 passes
+    adamw = functools.partial(torch.optim.AdamW, weight_decay=weight_decay, fused=device.startswith("cuda"))
+elif optim_dtype == "bfloat16":
+    adamw = functools.partial(AdamW, weight_decay=weight_decay, state_dtype=torch.bfloat16)
+else:
+    adamw = functools.partial(adamw_8bit, weight_decay=weight_decay)
 opt_g = adamw(G.parameters(), lr=lr_g, betas=(beta1, beta2))
 opt_d = adamw(D.parameters(), lr=lr_d, betas=(beta1_d, beta2_d)) if gan else None
 
 step, saved_step = 0, None  # saved_step: the step of the last checkpoint written or resumed from
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path = os.path.join(out_dir, "ckpt" if fsdp else "ckpt.pt")  # fsdp: a folder of every rank's shards
+
+
+def sharded_state():
+    """What a sharded checkpoint holds: this rank's shards of G, the EMA, D and both optimisers' Adam moments, named by
+    parameter so that any number of ranks can read them back (DCP reads into these very tensors). Its meta.json holds
+    the step (which fixes the data position: batches()), the config and the loss scale."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {"G": get_model_state_dict(G), "ema": get_model_state_dict(ema),
+             "opt_g": get_optimizer_state_dict(G, opt_g)["state"]}
+    if gan:
+        state |= {"D": get_model_state_dict(D), "opt_d": get_optimizer_state_dict(D, opt_d)["state"]}
+    return state
+
+
+if fsdp:
+    if master:
+        finish_sharded_save(ckpt_path)  # a save killed between its two renames
+    dist.barrier()
+other = os.path.join(out_dir, "ckpt.pt" if fsdp else "ckpt")
+if resume and not os.path.exists(ckpt_path) and os.path.exists(other):
+    raise SystemExit(f"{other}: written with --parallel={'ddp' if fsdp else 'fsdp'}, which this run does not read: "
+                     f"resume with that, or set a new --out_dir")
 if resume and os.path.exists(ckpt_path):
     try:  # a damaged checkpoint stops the run before anything is written: it is never replaced by a fresh start
-        ckpt = load_checkpoint(ckpt_path)
+        # (sharded: every rank reads its shards of every tensor, whatever the world size that wrote them)
+        ckpt = load_sharded_checkpoint(sharded_state(), ckpt_path) if fsdp else load_checkpoint(ckpt_path)
     except ValueError as e:
-        fix = (f"mv {ckpt_path}.prev {ckpt_path} goes on from the one before" if os.path.exists(ckpt_path + ".prev")
+        back = f"rm -r {ckpt_path} && mv {ckpt_path}.prev {ckpt_path}" if fsdp else f"mv {ckpt_path}.prev {ckpt_path}"
+        fix = (f"{back} goes on from the one before" if os.path.exists(ckpt_path + ".prev")
                else "delete it to start over, or set a new --out_dir")
         raise SystemExit(f"{e}. {fix}") from None
-    G.load_state_dict(ckpt["G"])
-    ema.load_state_dict(ckpt["ema"])
-    opt_g.load_state_dict(ckpt["opt_g"])
-    if gan:
-        D.load_state_dict(ckpt["D"])
-        opt_d.load_state_dict(ckpt["opt_d"])
+    if not fsdp:
+        G.load_state_dict(ckpt["G"])
+        ema.load_state_dict(ckpt["ema"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        if gan:
+            D.load_state_dict(ckpt["D"])
+            opt_d.load_state_dict(ckpt["opt_d"])
     optimisers = {"G": (opt_g, (beta1, beta2)), "D": (opt_d, (beta1_d, beta2_d))} if gan else {"G": (opt_g, (beta1, beta2))}
     for name, (opt, betas) in optimisers.items():  # this command's Adam settings win over the checkpoint's, as lr does
         for group in opt.param_groups:
@@ -246,13 +339,14 @@ if resume and os.path.exists(ckpt_path):
     del ckpt
 
 # compile first, then wrap in DDP; the raw modules stay for EMA, saving, and R1 (double backward). The compiled D
-# gets one graph for its own step and one for G's (raw_D.requires_grad_ below switches them; tests check it)
+# gets one graph for its own step and one for G's (raw_D.requires_grad_ below switches them; tests check it).
+# FSDP: G and D were sharded (and compiled block by block) in place above
 raw_G, raw_D = G, D
-if compile:
+if compile and not fsdp:
     G = torch.compile(G)
     D = torch.compile(D) if gan else None
 D_frozen = D  # D as seen by G's loss: no DDP (D's weights do not change in G's step)
-if ddp:
+if distributed and not fsdp:
     G = DDP(G, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
     D = DDP(D, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None) if gan else None
 
@@ -280,15 +374,19 @@ def mixed_fakes(j, n):
 
 
 def checkpoint():
-    """Everything needed to resume (weights.save_checkpoint: checksummed, atomic, the previous one kept beside it).
-    No RNG state is needed: every random draw of step s comes from a generator seeded by (seed, s, rank)."""
-    ckpt = {"G": raw_G.state_dict(), "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "step": step,
-            "config": config, "unet_config": {k: list(v) if isinstance(v, tuple) else v
-                                              for k, v in vars(raw_G.cfg).items()}}
+    """Everything needed to resume (weights.save_checkpoint: checksummed, atomic, the previous one kept beside it;
+    fsdp: every rank writes its shards, weights.save_sharded_checkpoint, as safe). No RNG state is needed: every
+    random draw of step s comes from a generator seeded by (seed, s, rank)."""
+    meta = {"step": step, "config": config,
+            "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(raw_G.cfg).items()}}
+    if scaler.is_enabled():  # fp16's loss scale, so that a resumed fp16 run continues exactly
+        meta["scaler"] = scaler.state_dict()
+    if fsdp:
+        save_sharded_checkpoint(sharded_state(), meta, ckpt_path)
+        return
+    ckpt = meta | {"G": raw_G.state_dict(), "ema": ema.state_dict(), "opt_g": opt_g.state_dict()}
     if gan:
         ckpt |= {"D": raw_D.state_dict(), "opt_d": opt_d.state_dict()}
-    if scaler.is_enabled():  # fp16's loss scale, so that a resumed fp16 run continues exactly
-        ckpt["scaler"] = scaler.state_dict()
     save_checkpoint(ckpt, ckpt_path)
 
 
@@ -301,12 +399,16 @@ else:
                     "an astronaut riding a horse", "a lighthouse at sunset", "a watercolor painting of a forest",
                     "a portrait of an old man", "a city skyline at night"]
 grid_z = seeded_noise(range(10**6, 10**6 + len(grid_prompts)), data.shape, device)
-if master:  # the prompts' conditions and the teacher's side of every grid, once (the pairs' sampler)
+# Under FSDP a forward of G, the EMA or D is a collective (each block gathers its weights from every rank): every rank
+# runs the student's grids, D's held-out score and the toy metrics with the master, which keeps them
+everyone = master or fsdp
+if everyone:  # the prompts' conditions, and (master) the teacher's side of every grid, once (the pairs' sampler)
     s = data.index["settings"]
     grid_cond, grid_uncond = T.conditions(grid_prompts, s["resolution"], s["resolution"])
+if master:
     with torch.no_grad():
         grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, s["steps"], s["guidance"], s["spacing"]))
-if gan and d_holdout and master:  # the held-out pairs, for D's score on reals it never trained on
+if gan and d_holdout and everyone:  # the held-out pairs, for D's score on reals it never trained on
     held_z, held_x, held_prompts = zip(*(data[i] for i in range(n_train, len(data))))
     held_z, held_x, held_cond = torch.stack(held_z).to(device), torch.stack(held_x).to(device), encode(list(held_prompts))
 
@@ -325,10 +427,18 @@ def heldout_score():
 T.unet.to("cpu")  # G and D are copies: the teacher UNet is not needed on the GPU again (3.4 GB for SD1.5, 10 for SDXL)
 
 
+def ema_net():
+    """The EMA as a module that runs on the device: itself (under FSDP it gathers its shards, from the CPU with
+    ema_cpu), or with ema_cpu and DDP a copy on the device for the while."""
+    return copy.deepcopy(ema).to(device) if ema_cpu and not fsdp else ema
+
+
 @torch.no_grad()
 def sample_grid(path):
     """Student (EMA) beside teacher for the same z and prompt, decoded with the VAE outside the training step."""
-    student = T.decode(generate(ema, grid_z, grid_cond))
+    student = T.decode(generate(ema_net(), grid_z, grid_cond))
+    if not master:
+        return
     pairs_ = torch.stack([student, grid_teacher], 1).flatten(0, 1)  # student, teacher, student, teacher, ...
     image_grid(pairs_, nrow=8).save(path)
     with open(path.rsplit(".", 1)[0] + ".txt", "w") as f:
@@ -373,7 +483,11 @@ def nonfinite_weight(net):
     """The first tensor of net whose fp32 norm is not finite, as 'name: norm', else None. The norm overflows for weights
     beyond about 1e19, far past any that a network still runs with."""
     params = [(k, p) for k, p in net.named_parameters()]
-    norms = torch.stack(torch._foreach_norm([p.detach() for _, p in params]))
+    norms = torch.stack(torch._foreach_norm([local(p.detach()) for _, p in params]))
+    if fsdp:  # each rank holds a shard of each tensor: the squares' sum over ranks, the same answer on every rank
+        norms = norms.to(device, torch.float64).square()
+        dist.all_reduce(norms)
+        norms = norms.sqrt()
     if torch.isfinite(norms).all():
         return None
     i = int((~torch.isfinite(norms)).nonzero()[0])
@@ -406,7 +520,8 @@ while step < max_steps:
         with torch.no_grad():
             cond = encode(prompts)
         last = m == grad_accum - 1
-        if ddp:  # sync gradients on the last micro-step only
+        if distributed and not fsdp:  # DDP: sync gradients on the last micro-step only (FSDP reduce-scatters every
+            # micro-step: gradients left unsynced would be whole on every rank, not sharded)
             G.require_backward_grad_sync = last
             if gan:
                 D.require_backward_grad_sync = last
@@ -457,19 +572,30 @@ while step < max_steps:
     norm_g = torch.nn.utils.clip_grad_norm_(raw_G.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     scaler.step(opt_g)
     opt_g.zero_grad(set_to_none=True)
-    norms = {"gnorm_g": norm_g}
+    norms = {"gnorm_g": local(norm_g)}  # (under FSDP a DTensor, the same on every rank)
     if gan:
         scaler.unscale_(opt_d)
-        norms["gnorm_d"] = torch.nn.utils.clip_grad_norm_(raw_D.parameters(), grad_clip_d if grad_clip_d > 0 else float("inf"))
+        norms["gnorm_d"] = local(torch.nn.utils.clip_grad_norm_(raw_D.parameters(),
+                                                                grad_clip_d if grad_clip_d > 0 else float("inf")))
         if do_r1:  # lazy R1 (Sec. 3.3), after the clip: clipped with the D loss, every R1 step would be a step of
             # fixed length along R1, whatever r1_gamma. On the uncompiled, unwrapped D (double backward), in fp32
             xr, zr, cr = r1_batch
             raw_D.requires_grad_(True)
+            D_for_r1 = lambda xx: raw_D(xx, zr, **cr)
+            if fsdp or activation_checkpointing:  # on the plain D_r1 (above), with D's own weights; under FSDP with
+                # D's fp32 weights gathered whole (D's size once more, for now): the gradient of each rank's penalty
+                # flows back through the gather as a reduce-scatter that averages over ranks, into this rank's
+                # shards, where it adds to the D loss's (as DDP's average below)
+                whole = ({k: p.full_tensor(grad_placements=[Partial("avg")]) for k, p in raw_D.named_parameters()}
+                         if fsdp else dict(raw_D.named_parameters()))
+                D_for_r1 = lambda xx: torch.func.functional_call(D_r1, whole, (xx, zr), cr)
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # the backend with a double backward
-                r1 = losses.r1_penalty(lambda xx: raw_D(xx, zr, **cr), xr, gamma=r1_gamma, interval=r1_interval)
+                r1 = losses.r1_penalty(D_for_r1, xr, gamma=r1_gamma, interval=r1_interval)
             r1.backward()  # once per step, not per micro-step: no 1 / grad_accum
+            D_for_r1 = whole = None  # (the gathered weights, freed before D's optimiser step)
             raw_D.requires_grad_(False)
-            if ddp:  # every rank penalised its own sample: average (the D loss's part is the same on every rank)
+            if distributed and not fsdp:  # every rank penalised its own sample: average (the D loss's part is the same
+                # on every rank)
                 for p in raw_D.parameters():
                     dist.all_reduce(p.grad)
                     p.grad /= world
@@ -480,7 +606,10 @@ while step < max_steps:
     scaler.update()
     with torch.no_grad():
         decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
-        torch._foreach_lerp_(list(ema.parameters()), list(raw_G.parameters()), 1 - decay)
+        weights = [local(p) for p in raw_G.parameters()]  # under FSDP this rank's shards, the EMA's are alike
+        if ema_cpu:
+            weights = [w.cpu() for w in weights]
+        torch._foreach_lerp_([local(p) for p in ema.parameters()], weights, 1 - decay)
     step += 1
     history.append((step, {key: torch.stack(v).mean() for key, v in terms.items()}))
 
@@ -494,7 +623,7 @@ while step < max_steps:
                 stop(f"step {s}: {bad} is {t[bad]} (the first term to go non-finite)")
         avg = {key: sum(t[key] for _, t in history if key in t) / sum(key in t for _, t in history)
                for key in dict.fromkeys(key for _, t in history for key in t)}
-        if gan and d_holdout and master:  # an overfitting D scores these like fakes while its training reals score high
+        if gan and d_holdout and everyone:  # an overfitting D scores these like fakes while its training reals score high
             avg["d_heldout"] = heldout_score()
         dt = (time.time() - t_last) / n
         mem = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else ""
@@ -502,11 +631,12 @@ while step < max_steps:
             + f" | lr {lr_at(step - 1, lr_g):.2e} | {dt * 1000:.0f} ms | {batch_size / dt:.1f} img/s" + mem,
             avg | {"ms_per_step": dt * 1000})
         history, t_last, n_last = [], time.time(), step
-    if master and (step % sample_interval == 0 or step == max_steps):
+    if everyone and (step % sample_interval == 0 or step == max_steps):
         os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
         sample_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"))
     if step % ckpt_interval == 0 or step == max_steps:
-        if ddp:  # every rank must hold the same G: compare a sum of its weights (float64, no copy) before the save
+        if distributed and not fsdp:  # every rank must hold the same G: compare a sum of its weights (float64, no
+            # copy) before the save
             sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(world)]
             dist.all_gather(sums, torch.stack([p.detach().sum(dtype=torch.float64) for p in raw_G.parameters()]).sum())
             if len({s.item() for s in sums}) != 1:
@@ -515,19 +645,21 @@ while step < max_steps:
         for name, net in (("G", raw_G), ("EMA", ema), ("D", raw_D)):  # the weights, once per checkpoint
             if net is not None and (bad := nonfinite_weight(net)):
                 stop(f"step {step}: {name}'s weights are not finite ({bad}) after its last update")
-        if master:
+        if master or fsdp:  # (fsdp: every rank writes its shards)
             checkpoint()
         saved_step = step
 
 # -----------------------------------------------------------------------------
 # the end: metrics on validation captions (toy), cleanup
-if master and toy and eval_samples:
+if everyone and toy and eval_samples:
     from toy.metrics import markdown, toy_table
-    table = toy_table(T, {"student (EMA, 1 step)": lambda z, c: generate(ema, z, c)}, n=eval_samples, teacher=False)
+    student = ema_net()
+    table = toy_table(T, {"student (EMA, 1 step)": lambda z, c: generate(student, z, c)}, n=eval_samples, teacher=False)
     log(markdown(table, eval_samples))
-    if os.path.exists(TEACHER_METRICS):  # measured once by toy/build.py, at the same N
+    if master and os.path.exists(TEACHER_METRICS):  # measured once by toy/build.py, at the same N
         log(f"the teacher, for reference ({TEACHER_METRICS}):\n" + open(TEACHER_METRICS).read())
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({"step": step, **table}, f, indent=2)
-if ddp:
+    if master:
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump({"step": step, **table}, f, indent=2)
+if distributed:
     dist.destroy_process_group()

@@ -11,12 +11,16 @@ tensor is an error that names the file.
 Original single files name the UNet's blocks by position (input_blocks.4.1...) where diffusers names them by level
 (down_blocks.1.attentions.0...); unet_key_from_ldm and vae_key_from_ldm translate one name at a time, by rule.
 """
+import io
 import json
 import os
+import pickle
 import re
+import shutil
 import zlib
 
 import torch
+import torch.distributed as dist
 
 from model import UNET_PRESETS, VAE_PRESETS, VAE, UNet, UNetConfig, VAEConfig
 
@@ -516,3 +520,149 @@ def save_pretrained(model, folder):
     with open(os.path.join(folder, "config.json.tmp"), "w") as f:
         json.dump(cfg, f, indent=2)
     os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+
+
+# -----------------------------------------------------------------------------
+# train.py's sharded checkpoints (parallel=fsdp): a folder that every rank writes its shards into with
+# torch.distributed.checkpoint (DCP: __<rank>_0.distcp files and a .metadata index), which any number of processes can
+# read back. It holds tensors only; meta.json, written last, holds the step, config and scaler and every file's CRC-32:
+# a folder without it is a save that never finished. Written as path.tmp and renamed into place, the previous one
+# kept as path.prev.
+
+SHARDED_META = "meta.json"
+DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+def _file_crc32(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 26):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def sharded_meta(path):
+    """The meta.json of a complete sharded checkpoint folder, or None (no folder, or a save that never finished)."""
+    try:
+        with open(os.path.join(path, SHARDED_META)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def finish_sharded_save(path):
+    """A save killed between its two renames leaves path.prev and a complete path.tmp but no path: finish it.
+    (One process, before the others look.)"""
+    if not os.path.exists(path) and sharded_meta(path + ".tmp") is not None:
+        os.replace(path + ".tmp", path)
+
+
+def save_sharded_checkpoint(state, meta, path):
+    """Every rank calls this with its state (nested dicts of tensors: DTensor shards or whole tensors, which DCP
+    writes once) and the same meta (JSON). Non-tensor values are refused: DCP would pickle them."""
+    import torch.distributed.checkpoint as dcp
+    if bad := [name for name, v in _leaves(state) if not torch.is_tensor(v)]:
+        raise TypeError(f"save_sharded_checkpoint: {bad[:3]} are not tensors (put numbers and text in meta)")
+    rank, tmp = dist.get_rank(), path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+    dist.barrier()
+    dcp.save(state, checkpoint_id=tmp)  # every rank writes (and fsyncs) its own file; rank 0 the index, last
+    mine = {f: _file_crc32(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.startswith(f"__{rank}_")}
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, mine)
+    if rank == 0:
+        files = {f: crc for s in sums for f, crc in s.items()}
+        files[".metadata"] = _file_crc32(os.path.join(tmp, ".metadata"))
+        with open(os.path.join(tmp, SHARDED_META), "w") as f:
+            json.dump(dict(meta, files=files), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())  # complete on disk before the renames make it the checkpoint
+        if os.path.exists(path):
+            shutil.rmtree(path + ".prev", ignore_errors=True)
+            os.replace(path, path + ".prev")
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def _leaves(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, obj
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata index is a pickle: read it only if it names DCP's own classes, torch.Size and dtypes, so that a
+    planted file cannot run code (as torch.load's weights_only=True refuses for ckpt.pt)."""
+
+    def find_class(self, module, name):
+        if ((module == "torch.distributed.checkpoint.metadata" and name != "BytesStorageMetadata")
+                or (module, name) in DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise ValueError(f"{module}.{name}")
+
+
+def check_sharded_checkpoint(path):
+    """meta.json of the sharded checkpoint at path, after checking this process's share of its files against their
+    CRC-32 (under torch.distributed every rank checks every world-th file, and all learn the verdict) and that its
+    index holds no pickled code. Anything wrong is a ValueError of one line naming the folder and the damage."""
+    prev = f"; the checkpoint before it is {path}.prev" if os.path.exists(path + ".prev") else ""
+    meta = sharded_meta(path)
+    if meta is None:
+        raise ValueError(f"{path}: no readable {SHARDED_META}: not a complete sharded checkpoint{prev}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    errors = []
+    for f in sorted(meta["files"])[rank::world]:
+        file = os.path.join(path, f)
+        if not os.path.exists(file):
+            errors.append(f"file {f} is missing")
+        elif _file_crc32(file) != meta["files"][f]:
+            errors.append(f"file {f} fails its checksum")
+        elif f == ".metadata":
+            try:
+                with open(file, "rb") as fh:
+                    _DCPMetadataUnpickler(io.BytesIO(fh.read())).load()
+            except Exception as e:
+                errors.append(f"its index .metadata holds pickled Python objects besides DCP's ({e}), refused unread")
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, errors)
+        errors = [e for es in every for e in es]
+    if errors:
+        raise ValueError(f"{path}: {errors[0]}: the checkpoint is damaged{prev}")
+    return meta
+
+
+def load_sharded_checkpoint(state, path):
+    """Fill state (nested dicts of tensors, as save_sharded_checkpoint was given them, at any world size; a plain
+    process reads whole tensors) in place from a checked sharded checkpoint; returns its meta."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    meta = check_sharded_checkpoint(path)
+    with warnings.catch_warnings():  # DCP warns that a plain process reads alone: that is what it is asked to do
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    return meta
+
+
+def read_sharded_part(path, part):
+    """(state dict, meta) of one part of a sharded checkpoint ('G', 'ema', 'D') as whole tensors, read by one plain
+    process: what sample.py, --export and eval.py read. The tensors' shapes come from the checkpoint's own index."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    meta = check_sharded_checkpoint(path)  # before the index is unpickled below
+    index = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    sd = {k[len(part) + 1:]: torch.empty(v.size, dtype=v.properties.dtype) for k, v in index.items()
+          if k.startswith(part + ".") and isinstance(v, TensorStorageMetadata)}
+    if not sd:
+        raise ValueError(f"{path}: holds no {part}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
+        dcp.load({part: sd}, checkpoint_id=path, no_dist=not dist.is_initialized())
+    return sd, meta

@@ -1,0 +1,90 @@
+"""
+train.py's memory modes (MEMORY.md has their bytes per parameter and what each costs), and the byte counts that
+tests/test_fsdp.py and bench.py check them with:
+
+    checkpoint_blocks(G)                  # activation checkpointing: each UNet block recomputes its forward in the backward
+    AdamW(G.parameters(), state_dtype=torch.bfloat16, lr=1e-5)   # Adam's two moments in bf16: 4 bytes/param, not 8
+    adamw_8bit(G.parameters(), lr=1e-5)   # bitsandbytes' 8-bit AdamW: 2 bytes/param (CUDA, plain tensors: not FSDP)
+
+Every function takes plain modules and tensors or FSDP2's sharded ones (DTensors: each rank holds one shard, and
+local() is that shard).
+"""
+import functools
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+
+def local(t):
+    """This rank's part of a tensor: the shard of an FSDP-sharded DTensor, a plain tensor itself (no copy)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def tensor_bytes(tensors):
+    """Bytes that this rank holds for these tensors (its shards of sharded ones)."""
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
+
+def optimizer_state_bytes(opt):
+    """Bytes of an optimiser's per-parameter state on this rank (Adam's moments; its step counters are scalars)."""
+    return tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def checkpoint_blocks(net):
+    """Activation checkpointing per UNet block (net.blocks(): every resnet and spatial transformer): a block keeps only
+    its inputs for the backward and runs its forward again there. Saves the activations inside the blocks (most of a
+    UNet's) for one more forward of each block in the backward. The module's names and weights do not change, so
+    checkpoints and FSDP see the same model; non-reentrant checkpointing also serves R1's double backward."""
+    for block in net.blocks():
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return net
+
+
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW (decoupled weight decay, bias correction) with its two moments stored in state_dtype (bf16:
+    4 bytes per parameter instead of 8). Each step computes in fp32 and rounds the moments back, so a change smaller
+    than bf16's resolution (1/256 of the moment) is lost: with beta2 = 0.99 the second moment moves by 1% of g^2 - v
+    per step and registers; beta2 = 0.999 would stall wherever g^2 is near v. The weights themselves stay fp32."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, state_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.state_dtype = state_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # the moments take the parameter's layout (a DTensor stays sharded like its parameter)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                state["step"] += 1
+                t = state["step"].item()
+                w, g = local(p), local(p.grad).float()
+                m, v = local(state["exp_avg"]).float(), local(state["exp_avg_sq"]).float()
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                w.mul_(1 - lr * wd)
+                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+                w.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+                local(state["exp_avg"]).copy_(m)  # rounded to state_dtype here
+                local(state["exp_avg_sq"]).copy_(v)
+        return loss
+
+
+def adamw_8bit(params, **kw):
+    """bitsandbytes' AdamW8bit (block-wise 8-bit moments, 2 bytes per parameter; tensors under 4,096 elements keep
+    fp32 moments). bitsandbytes is optional: imported only here."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit("--optim_dtype=8bit needs bitsandbytes, which is not installed (pip install bitsandbytes; it "
+                         "runs on CUDA GPUs only): install it, or use --optim_dtype=bfloat16") from None
+    return bnb.optim.AdamW8bit(params, **kw)
