@@ -28,8 +28,23 @@ def tensor_bytes(tensors):
 
 
 def optimizer_state_bytes(opt):
-    """Bytes of an optimiser's per-parameter state on this rank (Adam's moments; its step counters are scalars)."""
-    return tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    """Bytes of an optimiser's per-parameter state on this rank: Adam's moments (not its one-number step counters)."""
+    return tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+
+
+def clip_grad_norm(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_, and for FSDP's sharded parameters the same on this rank's shards: the norm from
+    their squares summed over ranks (every rank gets the same), then the same scaling of every shard. (Given
+    DTensors, torch's own costs seconds per call on a CPU: DTensor plans each op on its hundreds of tensors.)"""
+    params = [p for p in params if p.grad is not None]
+    if not any(isinstance(p, DTensor) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [local(p.grad) for p in params]
+    norm = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    torch.distributed.all_reduce(norm)
+    norm = norm.sqrt()
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))  # torch's clip coefficient
+    return norm
 
 
 def checkpoint_blocks(net):
@@ -43,12 +58,16 @@ def checkpoint_blocks(net):
 
 
 class AdamW(torch.optim.Optimizer):
-    """torch.optim.AdamW (decoupled weight decay, bias correction) with its two moments stored in state_dtype (bf16:
-    4 bytes per parameter instead of 8). Each step computes in fp32 and rounds the moments back, so a change smaller
-    than bf16's resolution (1/256 of the moment) is lost: with beta2 = 0.99 the second moment moves by 1% of g^2 - v
-    per step and registers; beta2 = 0.999 would stall wherever g^2 is near v. The weights themselves stay fp32."""
+    """torch.optim.AdamW's update (decoupled weight decay, bias correction) on each rank's shards, with the two moments
+    stored in state_dtype. float32: what train.py uses under FSDP, as torch's own AdamW spends seconds planning each
+    foreach op for DTensors on its first steps. bfloat16: 4 bytes per parameter instead of 8; each step computes in
+    fp32 (a few tensors at a time) and rounds the moments back, so a change smaller than bf16's resolution (1/256 of
+    the moment) is lost: with beta2 = 0.99 the second moment moves by 1% of g^2 - v per step and registers; beta2 =
+    0.999 would stall wherever g^2 is near v. The weights themselves stay fp32."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, state_dtype=torch.bfloat16):
+    CHUNK = 1 << 25  # elements updated together: bounds the fp32 copies of bf16 moments (3 x 128 MB)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, state_dtype=torch.float32):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
 
@@ -57,25 +76,36 @@ class AdamW(torch.optim.Optimizer):
         loss = None if closure is None else closure()
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:  # the moments take the parameter's layout (a DTensor stays sharded like its parameter)
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
                 state["step"] += 1
-                t = state["step"].item()
-                w, g = local(p), local(p.grad).float()
-                m, v = local(state["exp_avg"]).float(), local(state["exp_avg_sq"]).float()
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                w.mul_(1 - lr * wd)
-                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-                w.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-                local(state["exp_avg"]).copy_(m)  # rounded to state_dtype here
-                local(state["exp_avg_sq"]).copy_(v)
+            chunks, size = [[]], 0
+            for p in params:
+                if size > self.CHUNK:
+                    chunks, size = chunks + [[]], 0
+                chunks[-1].append(p)
+                size += local(p).numel()
+            for chunk in chunks:
+                w, g = [local(p) for p in chunk], [local(p.grad).float() for p in chunk]
+                stored = [(local(self.state[p]["exp_avg"]), local(self.state[p]["exp_avg_sq"])) for p in chunk]
+                m, v = [a.float() for a, _ in stored], [b.float() for _, b in stored]  # fp32: no copy
+                t = [self.state[p]["step"].item() for p in chunk]
+                torch._foreach_lerp_(m, g, 1 - b1)
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, g, g, value=1 - b2)
+                torch._foreach_mul_(w, 1 - lr * wd)
+                denom = torch._foreach_sqrt(v)
+                torch._foreach_div_(denom, [math.sqrt(1 - b2**s) for s in t])
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(w, m, denom, [-lr / (1 - b1**s) for s in t])
+                if self.state_dtype != torch.float32:  # round the moments back into their storage
+                    torch._foreach_copy_([a for a, _ in stored], m)
+                    torch._foreach_copy_([b for _, b in stored], v)
         return loss
 
 

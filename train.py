@@ -102,7 +102,7 @@ from common import DTYPES, autocast, image_grid, setup_distributed  # noqa: E402
 from discriminator import Discriminator  # noqa: E402
 from make_pairs import PairDataset, pairs_complete  # noqa: E402
 from teacher import load_teacher, one_step, seeded_noise  # noqa: E402
-from memory import AdamW, adamw_8bit, checkpoint_blocks, local  # noqa: E402
+from memory import AdamW, adamw_8bit, checkpoint_blocks, clip_grad_norm, local  # noqa: E402
 from weights import (finish_sharded_save, load_checkpoint, load_sharded_checkpoint, save_checkpoint,  # noqa: E402
                      save_sharded_checkpoint)
 
@@ -275,10 +275,10 @@ if fsdp:
     if gan:
         shard(D, ptdtype, compiled=compile)
 
-if optim_dtype == "float32":  # fused: one pass over the weights, foreach's ~10 passes
+if optim_dtype == "float32" and not fsdp:  # fused: one pass over the weights, foreach's ~10 passes
     adamw = functools.partial(torch.optim.AdamW, weight_decay=weight_decay, fused=device.startswith("cuda"))
-elif optim_dtype == "bfloat16":
-    adamw = functools.partial(AdamW, weight_decay=weight_decay, state_dtype=torch.bfloat16)
+elif optim_dtype in ("float32", "bfloat16"):  # memory.py's, on this rank's shards (and moments in bf16 if asked)
+    adamw = functools.partial(AdamW, weight_decay=weight_decay, state_dtype=DTYPES[optim_dtype])
 else:
     adamw = functools.partial(adamw_8bit, weight_decay=weight_decay)
 opt_g = adamw(G.parameters(), lr=lr_g, betas=(beta1, beta2))
@@ -569,14 +569,13 @@ while step < max_steps:
             terms.setdefault(key, []).append(v.float())
     # optimiser steps, gradient norms (before clipping), EMA
     scaler.unscale_(opt_g)
-    norm_g = torch.nn.utils.clip_grad_norm_(raw_G.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    norm_g = clip_grad_norm(raw_G.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     scaler.step(opt_g)
     opt_g.zero_grad(set_to_none=True)
-    norms = {"gnorm_g": local(norm_g)}  # (under FSDP a DTensor, the same on every rank)
+    norms = {"gnorm_g": norm_g}
     if gan:
         scaler.unscale_(opt_d)
-        norms["gnorm_d"] = local(torch.nn.utils.clip_grad_norm_(raw_D.parameters(),
-                                                                grad_clip_d if grad_clip_d > 0 else float("inf")))
+        norms["gnorm_d"] = clip_grad_norm(raw_D.parameters(), grad_clip_d if grad_clip_d > 0 else float("inf"))
         if do_r1:  # lazy R1 (Sec. 3.3), after the clip: clipped with the D loss, every R1 step would be a step of
             # fixed length along R1, whatever r1_gamma. On the uncompiled, unwrapped D (double backward), in fp32
             xr, zr, cr = r1_batch
