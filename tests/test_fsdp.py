@@ -46,52 +46,60 @@ class Killed(Exception):
 
 def test_sharded_checkpoints_change_world_size_and_survive_a_killed_save(toy_world, tmp_path, run, monkeypatch,
                                                                         capsys, root):
-    """Two processes (steps 0-1) -> one process (1-3, killed while it writes step 3) -> two processes (from step 2,
-    the last complete checkpoint, to 3) make the steps of one uninterrupted DDP process: G, EMA and D after step 3
-    agree, from both the killed process and the last run. Two micro-steps of 2 per rank, or of 4 in one process; R1
-    at a weight that moves D (1e5: 0.8 of D's update over 3 steps) on every sample of the first micro-step, its exact
-    double backward in the DDP run: under FSDP it runs on D's gathered weights. L2 and no mix-and-match: what is
-    drawn per rank would differ between world sizes by design (test_sdxl_end_to_end_with_fsdp compares them with
-    DDP at the same world size)."""
+    """One process (step 0-1) -> two processes (1-3) -> one process (3-4, killed while it writes step 4) -> one
+    process again (from step 3, the last complete checkpoint, to 4) make the steps of one uninterrupted DDP process:
+    G, EMA and D after step 4 agree, from the killed process and from the last run. Two micro-steps of 2 per rank, or
+    of 4 in one process; R1 at a weight that moves D (1e5: 0.8 of D's update over 3 steps) on every sample of the
+    first micro-step, its exact double backward in the DDP run: under FSDP it runs on D's gathered weights. L2 and no
+    mix-and-match: what is drawn per rank would differ between world sizes by design (test_sdxl_end_to_end_with_fsdp
+    compares them with DDP at the same world size). The one-process runs run here, as `python train.py` would."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     w = toy_world
     files = dict(teacher=w / "sd", pairs=w / "pairs", lpips=w / "toy_latest_vgg16_tuned.safetensors")
-    kw = dict(max_steps=3, ckpt_interval=1, batch_size=8, grad_accum=2, regression="l2", mix_match=0, r1_single=False,
+    kw = dict(max_steps=4, ckpt_interval=1, batch_size=8, grad_accum=2, regression="l2", mix_match=0, r1_single=False,
               r1_gamma=100000)
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     r = run(["train.py", *args(one, **files, **kw)], env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run([*TORCHRUN, *args(sharded, **files, **kw | dict(max_steps=1)), "--parallel=fsdp"])
+
+    def here(max_steps):  # train.py --parallel=fsdp in this process: a process group of one, which it ends (or we do)
+        monkeypatch.setattr(sys, "argv", ["train.py", *args(sharded, **files, **kw | dict(max_steps=max_steps)),
+                                          "--parallel=fsdp"])
+        try:
+            runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return capsys.readouterr().out
+
+    here(1)
+    r = run([*TORCHRUN, *args(sharded, **files, **kw | dict(max_steps=3)), "--parallel=fsdp"])
     assert r.returncode == 0 and "world 2 | micro-batch 2 x accum 2 = global 8" in r.stdout, r.stderr[-3000:]
+    assert f"resumed from {sharded}/ckpt at step 1" in r.stdout
 
-    save, at_step_3 = weights.save_sharded_checkpoint, {}
+    save, at_step_4 = weights.save_sharded_checkpoint, {}
 
-    def killed_at_step_3(state, meta, path):  # writes part of the folder, then dies before it is complete
-        if meta["step"] < 3:
+    def killed_at_step_4(state, meta, path):  # writes part of the folder, then dies before it is complete
+        if meta["step"] < 4:
             return save(state, meta, path)
-        at_step_3.update({p: {k: local(v).clone() for k, v in state[p].items()} for p in ("G", "ema", "D")})
+        at_step_4.update({p: {k: local(v).clone() for k, v in state[p].items()} for p in ("G", "ema", "D")})
         dcp.save(state, checkpoint_id=path + ".tmp")
         shard = os.path.join(path + ".tmp", "__0_0.distcp")
         os.truncate(shard, os.path.getsize(shard) // 2)
         raise Killed
 
-    monkeypatch.setattr(weights, "save_sharded_checkpoint", killed_at_step_3)
-    monkeypatch.setattr(sys, "argv", ["train.py", *args(sharded, **files, **kw), "--parallel=fsdp"])
-    try:
-        with pytest.raises(Killed):
-            runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
-    finally:
-        if dist.is_initialized():  # the process group of one that train.py started in this process
-            dist.destroy_process_group()
-    assert f"resumed from {sharded}/ckpt at step 1" in capsys.readouterr().out
-    assert weights.sharded_meta(str(sharded / "ckpt"))["step"] == 2 and (sharded / "ckpt.tmp").exists()
+    monkeypatch.setattr(weights, "save_sharded_checkpoint", killed_at_step_4)
+    with pytest.raises(Killed):
+        here(4)
+    assert f"resumed from {sharded}/ckpt at step 3" in capsys.readouterr().out
+    assert weights.sharded_meta(str(sharded / "ckpt"))["step"] == 3 and (sharded / "ckpt.tmp").exists()
+    monkeypatch.setattr(weights, "save_sharded_checkpoint", save)
+    assert f"resumed from {sharded}/ckpt at step 3" in here(4)
+    assert not (sharded / "ckpt.tmp").exists() and weights.sharded_meta(str(sharded / "ckpt.prev"))["step"] == 3
 
-    r = run([*TORCHRUN, *args(sharded, **files, **kw), "--parallel=fsdp"])
-    assert r.returncode == 0 and f"resumed from {sharded}/ckpt at step 2" in r.stdout, r.stderr[-3000:]
-    assert not (sharded / "ckpt.tmp").exists() and weights.sharded_meta(str(sharded / "ckpt.prev"))["step"] == 2
     reference = parts(one / "ckpt.pt")
-    for name, result in (("one process after 2 -> 1", at_step_3), ("two processes after 1 -> 2", parts(sharded / "ckpt"))):
+    for name, result in (("the killed process", at_step_4), ("the last run", parts(sharded / "ckpt"))):
         for part, err in differences(w / "sd", reference, result).items():
             assert err <= 1e-3, f"{name}: {part} differs from the uninterrupted run by {err:.2e} of its update"
 
