@@ -9,7 +9,7 @@ Compare numbers only within one run on one machine.
                                                    # the UNet at batch 2x16; DDIM-50 + CFG 3 pairs/s at batch 16
     python bench.py --what=train --batch=8         # train.py's step at SD1.5 size: img/s, MFU, peak memory
     python bench.py --what=train --batch=8 --activation_checkpointing=True --optim_dtype=bfloat16 --ema_cpu=True
-                                                   # the same with train.py's memory modes (MEMORY.md)
+                                                   # the same with train.py's memory modes (README.md, Memory)
     python bench.py --what=onestep --unet=tiny-sd1 --vae=tiny   # any section on tiny models: try it on a CPU
 
 onestep, pairs and train use random weights of the SD1.5 shapes (model.py presets and a CLIP-L text tower).
@@ -50,7 +50,7 @@ compile_text = False  # onestep: torch.compile the text tower too (with --compil
 betas = (0.9, 0.99)  # train: G's Adam betas, train.py's defaults (they do not change the step's cost)
 betas_d = (0.0, 0.99)  # train: D's Adam betas, train.py's defaults
 fused_adamw = True  # train: fused AdamW on cuda, as train.py (False: PyTorch's default foreach, as run 1)
-activation_checkpointing = False  # train: train.py's memory modes (MEMORY.md): recompute each UNet block's forward,
+activation_checkpointing = False  # train: train.py's memory modes (README.md, Memory): recompute each UNet block,
 optim_dtype = 'float32'  # Adam's moments in float32, bfloat16 or 8bit (bitsandbytes),
 ema_cpu = False  # and the EMA in CPU memory
 warmup = 3  # untimed iterations first (compilation happens here)

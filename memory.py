@@ -1,6 +1,6 @@
 """
-train.py's memory modes (MEMORY.md has their bytes per parameter and what each costs), and the byte counts that
-tests/test_fsdp.py and bench.py check them with:
+train.py's memory modes (their bytes per parameter and what each costs: README.md, Memory), and the byte counts
+that tests/test_fsdp.py and bench.py check them with:
 
     checkpoint_blocks(G)                  # activation checkpointing: each UNet block recomputes its forward in the backward
     AdamW(G.parameters(), state_dtype=torch.bfloat16, lr=1e-5)   # Adam's two moments in bf16: 4 bytes/param, not 8

@@ -6,7 +6,7 @@ config -> distributed setup -> teacher, pairs -> G, D, losses, optimisers -> loo
     python train.py                                   # the toy world, end to end on a CPU (pairs made if missing)
     python train.py config/sd15.py --batch_size=16    # one GPU, a real teacher (pairs from make_pairs.py)
     torchrun --standalone --nproc_per_node=8 train.py config/sd15.py
-    torchrun --standalone --nproc_per_node=8 train.py config/sdxl.py --parallel=fsdp   # sharded: MEMORY.md
+    torchrun --standalone --nproc_per_node=8 train.py config/sdxl.py --parallel=fsdp   # sharded: README.md, Memory
 Re-running the same command resumes from out_dir/ckpt.pt (--parallel=fsdp: the sharded folder out_dir/ckpt).
 """
 import copy
@@ -77,7 +77,7 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype
 dtype_g = "float16" if torch.cuda.is_available() else "float32"  # G's autocast dtype: its x0 is eps x14.6, and bf16's
 # 8-bit mantissa would put a noise floor on it (0.054 on the toy) that the teacher's pairs lack; fp16's is 8x lower
 compile = False  # torch.compile G and D (raw modules kept for saving and R1); costs minutes: on in config/sd15.py, sdxl.py
-# memory (MEMORY.md: bytes per parameter of each mode, and the peaks they give)
+# memory (README.md, Memory: bytes per parameter of each mode, and the peaks they give)
 parallel = "ddp"  # ddp: every GPU holds all of G, D, their Adam states and the EMA; fsdp: each GPU holds 1/world of
 # them (FSDP2, block by block; weights gathered in the autocast dtypes as each block runs), checkpoints in out_dir/ckpt/
 activation_checkpointing = False  # each UNet block of G and D keeps only its inputs and recomputes its forward in the
@@ -101,8 +101,8 @@ import losses  # noqa: E402  (after the knobs so that --help is instant)
 from common import DTYPES, autocast, image_grid, setup_distributed  # noqa: E402
 from discriminator import Discriminator  # noqa: E402
 from make_pairs import PairDataset, pairs_complete  # noqa: E402
-from teacher import load_teacher, one_step, seeded_noise  # noqa: E402
 from memory import AdamW, adamw_8bit, checkpoint_blocks, clip_grad_norm, local  # noqa: E402
+from teacher import load_teacher, one_step, seeded_noise  # noqa: E402
 from weights import (finish_sharded_save, load_checkpoint, load_sharded_checkpoint, save_checkpoint,  # noqa: E402
                      save_sharded_checkpoint)
 
@@ -241,7 +241,7 @@ elif regression == "pixel-lpips":
     lpips_net = lpips_from_file(pixel_vgg or TOY_PIXEL_VGG, latent=False).to(device)
 
 # -----------------------------------------------------------------------------
-# memory modes and sharding (MEMORY.md). Only G, D and the EMA change: the teacher's text encoder(s) and VAE and the
+# memory modes and sharding (README.md, Memory). Only G, D and the EMA change: the teacher's text encoder(s), VAE and
 # LPIPS trunk stay frozen, unsharded, on every GPU
 if gan and (fsdp or activation_checkpointing):  # R1's double backward needs D's blocks whole and not recomputed
     # (FSDP frees each block's gathered weights after its backward; recomputation cannot be differentiated twice):

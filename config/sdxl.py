@@ -1,6 +1,7 @@
 # SDXL -> one step at 1024 px. Pairs from make_pairs.py with --teacher=stabilityai/stable-diffusion-xl-base-1.0.
-# G and D are each a 2.6B-parameter UNet: with fp32 master weights and Adam this needs ~42 GB per model per GPU
-# before activations, so plain DDP fits only on 80 GB+ cards at small micro-batches (FSDP is not wired in yet).
+# G and D are each a 2.57B-parameter UNet: their fp32 weights, gradients and Adam moments (16 bytes per parameter)
+# and G's EMA (4) hold 86 GiB per GPU under DDP before activations, more than an 80 GB card. Run it with
+# --parallel=fsdp, which shards all of that over the GPUs: 10.8 GiB each on 8 (computed; README.md, Memory).
 out_dir = "out/sdxl-cfg3"
 teacher = "stabilityai/stable-diffusion-xl-base-1.0"
 pairs = "pairs/sdxl-cfg3"

@@ -1,4 +1,4 @@
-"""parallel=fsdp and the memory modes (MEMORY.md), on CPU with gloo: sharded training makes DDP's steps, R1 and
+"""parallel=fsdp and the memory modes (README.md, Memory), on CPU with gloo: sharded training makes DDP's steps, R1 and
 mix-and-match included; a sharded checkpoint moves between world sizes and survives a save killed mid-write; SDXL
 runs end to end (pairs, sharded training, sampling, export); each memory mode does what it claims."""
 import copy
@@ -14,7 +14,6 @@ import weights
 from discriminator import Discriminator
 from memory import AdamW, adamw_8bit, checkpoint_blocks, clip_grad_norm, local, optimizer_state_bytes
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default: on busy cores OpenMP's spinning threads cost 100x
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
 
 
@@ -35,7 +34,9 @@ def differences(teacher, a, b):
     """{part: |a - b| / |a - start|} for G, the EMA and D, whole-vector norms (test_train.relative_differences)."""
     unet = weights.load_unet(str(teacher))
     start = {"G": unet.state_dict(), "ema": unet.state_dict(), "D": Discriminator(unet).state_dict()}
-    norm = lambda d: sum(v.double().square().sum() for v in d.values()).sqrt().item()  # noqa: E731
+
+    def norm(d):
+        return sum(v.double().square().sum() for v in d.values()).sqrt().item()
     return {p: norm({k: a[p][k] - b[p][k] for k in a[p]}) / norm({k: a[p][k] - start[p][k] for k in a[p]})
             for p in start}
 
@@ -46,26 +47,24 @@ class Killed(Exception):
 
 def test_sharded_checkpoints_change_world_size_and_survive_a_killed_save(toy_world, tmp_path, run, monkeypatch,
                                                                         capsys, root):
-    """One process (step 0-1) -> two processes (1-3) -> one process (3-4, killed while it writes step 4) -> one
-    process again (from step 3, the last complete checkpoint, to 4) make the steps of one uninterrupted DDP process:
-    G, EMA and D after step 4 agree, from the killed process and from the last run. Two micro-steps of 2 per rank, or
+    """One process (step 0-1) -> two processes (1-2) -> one process (2-3, killed while it writes step 3) -> one
+    process again (from step 2, the last complete checkpoint, to 3) make the steps of one uninterrupted DDP process:
+    G, EMA and D after step 3 agree, from the killed process and from the last run. Two micro-steps of 2 per rank, or
     of 4 in one process; R1 at a weight that moves D (1e5: 0.8 of D's update over 3 steps) on every sample of the
     first micro-step, its exact double backward in the DDP run: under FSDP it runs on D's gathered weights. L2 and no
     mix-and-match: what is drawn per rank would differ between world sizes by design (test_sdxl_end_to_end_with_fsdp
-    compares them with DDP at the same world size). The one-process runs run here, as `python train.py` would."""
+    compares them with DDP at the same world size). The one-process runs run in this process, as `python train.py`
+    would (only torchrun's two start fresh Pythons), and each run saves once, at its last step."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     w = toy_world
     files = dict(teacher=w / "sd", pairs=w / "pairs", lpips=w / "toy_latest_vgg16_tuned.safetensors")
-    kw = dict(max_steps=4, ckpt_interval=1, batch_size=8, grad_accum=2, regression="l2", mix_match=0, r1_single=False,
-              r1_gamma=100000)
+    kw = dict(max_steps=3, batch_size=8, grad_accum=2, regression="l2", mix_match=0, r1_single=False, r1_gamma=100000)
     one, sharded = tmp_path / "one", tmp_path / "sharded"
-    r = run(["train.py", *args(one, **files, **kw)], env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
 
-    def here(max_steps):  # train.py --parallel=fsdp in this process: a process group of one, which it ends (or we do)
-        monkeypatch.setattr(sys, "argv", ["train.py", *args(sharded, **files, **kw | dict(max_steps=max_steps)),
-                                          "--parallel=fsdp"])
+    def here(out, max_steps, *more):  # train.py in this process; with --parallel=fsdp a process group of one, which
+        # it ends (or we do)
+        monkeypatch.setattr(sys, "argv", ["train.py", *args(out, **files, **kw | dict(max_steps=max_steps)), *more])
         try:
             runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
         finally:
@@ -73,33 +72,34 @@ def test_sharded_checkpoints_change_world_size_and_survive_a_killed_save(toy_wor
                 dist.destroy_process_group()
         return capsys.readouterr().out
 
-    here(1)
-    r = run([*TORCHRUN, *args(sharded, **files, **kw | dict(max_steps=3)), "--parallel=fsdp"])
+    here(one, 3)  # the reference: DDP's lines in one process
+    here(sharded, 1, "--parallel=fsdp")
+    r = run([*TORCHRUN, *args(sharded, **files, **kw | dict(max_steps=2)), "--parallel=fsdp"])
     assert r.returncode == 0 and "world 2 | micro-batch 2 x accum 2 = global 8" in r.stdout, r.stderr[-3000:]
     assert f"resumed from {sharded}/ckpt at step 1" in r.stdout
 
-    save, at_step_4 = weights.save_sharded_checkpoint, {}
+    save, at_step_3 = weights.save_sharded_checkpoint, {}
 
-    def killed_at_step_4(state, meta, path):  # writes part of the folder, then dies before it is complete
-        if meta["step"] < 4:
+    def killed_at_step_3(state, meta, path):  # writes part of the folder, then dies before it is complete
+        if meta["step"] < 3:
             return save(state, meta, path)
-        at_step_4.update({p: {k: local(v).clone() for k, v in state[p].items()} for p in ("G", "ema", "D")})
+        at_step_3.update({p: {k: local(v).clone() for k, v in state[p].items()} for p in ("G", "ema", "D")})
         dcp.save(state, checkpoint_id=path + ".tmp")
         shard = os.path.join(path + ".tmp", "__0_0.distcp")
         os.truncate(shard, os.path.getsize(shard) // 2)
         raise Killed
 
-    monkeypatch.setattr(weights, "save_sharded_checkpoint", killed_at_step_4)
+    monkeypatch.setattr(weights, "save_sharded_checkpoint", killed_at_step_3)
     with pytest.raises(Killed):
-        here(4)
-    assert f"resumed from {sharded}/ckpt at step 3" in capsys.readouterr().out
-    assert weights.sharded_meta(str(sharded / "ckpt"))["step"] == 3 and (sharded / "ckpt.tmp").exists()
+        here(sharded, 3, "--parallel=fsdp")
+    assert f"resumed from {sharded}/ckpt at step 2" in capsys.readouterr().out
+    assert weights.sharded_meta(str(sharded / "ckpt"))["step"] == 2 and (sharded / "ckpt.tmp").exists()
     monkeypatch.setattr(weights, "save_sharded_checkpoint", save)
-    assert f"resumed from {sharded}/ckpt at step 3" in here(4)
-    assert not (sharded / "ckpt.tmp").exists() and weights.sharded_meta(str(sharded / "ckpt.prev"))["step"] == 3
+    assert f"resumed from {sharded}/ckpt at step 2" in here(sharded, 3, "--parallel=fsdp")
+    assert not (sharded / "ckpt.tmp").exists() and weights.sharded_meta(str(sharded / "ckpt.prev"))["step"] == 2
 
     reference = parts(one / "ckpt.pt")
-    for name, result in (("the killed process", at_step_4), ("the last run", parts(sharded / "ckpt"))):
+    for name, result in (("the killed process", at_step_3), ("the last run", parts(sharded / "ckpt"))):
         for part, err in differences(w / "sd", reference, result).items():
             assert err <= 1e-3, f"{name}: {part} differs from the uninterrupted run by {err:.2e} of its update"
 
@@ -108,14 +108,15 @@ def test_sdxl_end_to_end_with_fsdp(pipelines, toy_world, tmp_path, run):
     """A tiny SDXL teacher (two text encoders, pooled text, size/crop ids): make_pairs -> two processes with
     parallel=fsdp and every memory mode, which make the same steps as DDP's two processes with the same modes (R1 on
     each rank's sample, mix-and-match, grad_accum and E-LatentLPIPS's augmentations, all drawn per rank as DDP draws
-    them) -> sample.py and --export read the sharded checkpoint."""
+    them) -> sample.py and --export read the sharded checkpoint. Pairs and export are made in this process."""
+    import make_pairs
     from conftest import WORDS
+    from sample import export_student, load_student  # what sample.py (--export) and eval.py load a student with
+    from teacher import one_step, seeded_noise
     _, folder = pipelines("sdxl")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(6)) + "\n" for i in range(16)))
-    r = run(["make_pairs.py", f"--prompts={prompts}", f"--out_dir={tmp_path}/pairs", f"--teacher={folder}", "--steps=2",
-             "--batch_size=16"], env=ENV)
-    assert r.returncode == 0, r.stderr[-2000:]
+    make_pairs.main(prompts=str(prompts), out_dir=f"{tmp_path}/pairs", teacher=folder, steps=2, batch_size=16)
     files = dict(teacher=folder, pairs=tmp_path / "pairs", lpips=toy_world / "toy_latest_vgg16_tuned.safetensors")
     kw = dict(max_steps=2, batch_size=8, grad_accum=2, mix_match=0.5, r1_gamma=100000, activation_checkpointing=True,
               optim_dtype="bfloat16", ema_cpu=True)
@@ -123,20 +124,18 @@ def test_sdxl_end_to_end_with_fsdp(pipelines, toy_world, tmp_path, run):
         r = run([*TORCHRUN, *args(tmp_path / name, **files, **kw, parallel=parallel)])
         assert r.returncode == 0 and "world 2 | micro-batch 2 x accum 2 = global 8" in r.stdout, r.stderr[-3000:]
     ckpt = tmp_path / "fsdp" / "ckpt"
-    for part, err in differences(folder, parts(ckpt), parts(tmp_path / "ddp" / "ckpt.pt")).items():
+    sharded = parts(ckpt)
+    for part, err in differences(folder, sharded, parts(tmp_path / "ddp" / "ckpt.pt")).items():
         assert err <= 1e-3, f"{part}: FSDP differs from DDP by {err:.2e} of its update"
 
-    from sample import load_student  # what sample.py and eval.py load a student with
-    from teacher import one_step, seeded_noise
     T, G, cfg = load_student(str(ckpt))
-    ema = parts(ckpt)["ema"]
+    ema = sharded["ema"]
     assert all(torch.equal(v, ema[k]) for k, v in G.state_dict().items()) and T.unet.cfg.add_time_dim
     with torch.no_grad():
         x = one_step(G, seeded_noise(range(2), T.latent_shape()), T.conditions(["a red circle"] * 2)[0],
                      T.alphas_cumprod, T.prediction_type, cfg["t_G"], cfg["g_param"])
     assert T.decode(x).shape == (2, 3, 32, 32)
-    r = run(["sample.py", f"--ckpt={ckpt}", f"--export={tmp_path}/student"], env=ENV)
-    assert r.returncode == 0, r.stderr[-2000:]
+    export_student(str(ckpt), f"{tmp_path}/student", False)  # sample.py --export
     exported = weights.load_unet(str(tmp_path / "student")).state_dict()
     assert exported.keys() == ema.keys() and all(torch.equal(v, ema[k]) for k, v in exported.items())
 
@@ -167,7 +166,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_fewer_activ
             m = checkpoint_blocks(copy.deepcopy(net)) if recompute else copy.deepcopy(net)
             held = [0]
 
-            def pack(t):
+            def pack(t, held=held):
                 held[0] += t.numel() * t.element_size()
                 return t
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -202,16 +201,18 @@ def test_bf16_adam_moments_take_half_the_bytes_and_step_like_adamw():
     n = sum(p.numel() for p in start.parameters())
     assert optimizer_state_bytes(opts["torch"]) == optimizer_state_bytes(opts["fp32"]) == 8 * n
     assert optimizer_state_bytes(opts["bf16"]) == 4 * n
-    norm = lambda a, b: sum((p - q).double().square().sum() for p, q in zip(a.parameters(), b.parameters())).sqrt()  # noqa
+
+    def norm(a, b):
+        return sum((p - q).double().square().sum() for p, q in zip(a.parameters(), b.parameters())).sqrt()
     update = norm(nets["torch"], start)
     errors = {name: (norm(nets[name], nets["torch"]) / update).item() for name in ("fp32", "bf16")}
     print(f"relative to torch's AdamW after 10 steps: {errors}")
     assert errors["fp32"] < 1e-5 and errors["bf16"] < 1e-2, errors
 
 
-def test_8bit_adam_without_bitsandbytes_says_what_to_do(run):
+def test_8bit_adam_without_bitsandbytes_says_what_to_do(monkeypatch, capsys, root):
     """bitsandbytes is optional (and CUDA only): without it, optim_dtype=8bit stops with what to do; with FSDP it is
-    refused before anything loads (it updates whole tensors, not shards)."""
+    refused in one line before anything loads or prints (it updates whole tensors, not shards)."""
     try:
         import bitsandbytes  # noqa: F401
         pytest.skip("bitsandbytes is installed")
@@ -219,9 +220,12 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_do(run):
         pass
     with pytest.raises(SystemExit, match=r"--optim_dtype=8bit needs bitsandbytes.*use --optim_dtype=bfloat16"):
         adamw_8bit([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
-    r = run(["train.py", "--parallel=fsdp", "--optim_dtype=8bit", "--max_steps=1"], env=ENV)
-    err = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode != 0 and len(err) == 1 and "--optim_dtype=8bit" in err[0] and "bfloat16" in err[0], r.stderr
+    monkeypatch.setattr(sys, "argv", ["train.py", "--parallel=fsdp", "--optim_dtype=8bit", "--max_steps=1"])
+    with pytest.raises(SystemExit) as stop:  # in this process (a fresh Python costs seconds of imports)
+        runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+    why, printed = str(stop.value), capsys.readouterr()
+    assert "\n" not in why and "--optim_dtype=8bit" in why and "bfloat16" in why, why
+    assert not printed.out.strip() and not printed.err.strip(), printed
 
 
 def test_sharded_clip_and_a_damaged_or_planted_checkpoint(tmp_path):
