@@ -11,7 +11,8 @@ regression = "e-latent-lpips"
 # latent's area (measured on the toy's D: ||grad||^2 falls 4x per 4x area, 8x8 -> 64x64), so gamma grows
 # with it to keep R1's pull beside D's loss: the toy's 0.1 at 8x8 latents, x256 for 128x128. The batch does not
 # enter: R1 is on one sample and D's loss is a batch mean, neither grows with the batch
-r1_gamma = 25.6
+r1_gamma = 25.6  # R1 every step (train.py's default) adds the cost of most of a step at SD1.5 size (R1 401 ms
+# beside a 534 ms step, bench.md); --r1_interval=16 is the paper's lazy R1, which the toy's D did not survive
 batch_size = 64
 grad_accum = 4
 max_steps = 20000
