@@ -96,6 +96,19 @@ class LatentLPIPS(nn.Module):
         return self
 
     @classmethod
+    def from_file(cls, path, latent=True):
+        """LatentLPIPS (or, latent=False, the image-space VGG of the pixel-LPIPS ablation) from a local file; a
+        .safetensors may carry its trunk's width and input channels in its metadata (the toy trunk does), the
+        official .pth files are full width."""
+        meta = {}
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, 'pt') as f:
+                meta = f.metadata() or {}
+        c, width = int(meta.get('in_channels', 4 if latent else 3)), int(meta.get('width', 64))
+        return cls(c, width, latent).load(path)
+
+    @classmethod
     def from_pretrained(cls, encoder='sd15'):
         """The authors' calibrated weights (CC-BY-NC) from the Hugging Face hub, for encoder in sd15, sd21,
         sdxl (4-channel latents), sd3, flux (16). Needs internet; tests never call it."""

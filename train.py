@@ -219,26 +219,16 @@ if gan:
     D = D.to(device).train()
 
 
-def lpips_from_file(path, latent=True):
-    """LatentLPIPS (or, latent=False, the image-space VGG) from a file; a .safetensors may carry its trunk's width
-    and input channels in its metadata (the toy trunk does), the official .pth files are full width."""
-    meta = {}
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-    c, width = int(meta.get("in_channels", 4 if latent else 3)), int(meta.get("width", 64))
-    return losses.LatentLPIPS(c, width, latent).load(path)
-
-
 lpips_net = None
 if regression in ("latent-lpips", "e-latent-lpips"):
     path = TOY_LPIPS if lpips == "toy" else lpips
-    lpips_net = (lpips_from_file(path) if os.path.exists(path) else losses.LatentLPIPS.from_pretrained(lpips)).to(device)
+    # a local file, or a name in the authors' hub repository (sd15, sd21, sdxl)
+    lpips_net = losses.LatentLPIPS.from_file(path) if os.path.exists(path) else losses.LatentLPIPS.from_pretrained(lpips)
+    lpips_net = lpips_net.to(device)
 elif regression == "pixel-lpips":
     if not (pixel_vgg or toy):
         raise SystemExit("regression=pixel-lpips needs --pixel_vgg= an image-space VGG16-BN LPIPS file")
-    lpips_net = lpips_from_file(pixel_vgg or TOY_PIXEL_VGG, latent=False).to(device)
+    lpips_net = losses.LatentLPIPS.from_file(pixel_vgg or TOY_PIXEL_VGG, latent=False).to(device)
 
 # -----------------------------------------------------------------------------
 # memory modes and sharding (README.md, Memory). Only G, D and the EMA change: the teacher's text encoder(s), VAE and
