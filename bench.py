@@ -13,8 +13,8 @@ Compare numbers only within one run on one machine.
     python bench.py --what=onestep --unet=tiny-sd1 --vae=tiny   # any section on tiny models: try it on a CPU
 
 onestep, pairs and train use random weights of the SD1.5 shapes (model.py presets and a CLIP-L text tower).
-onestep and pairs cast them to the dtype as an inference user would, so they compare with the diffusers peer
-scripts of bench.md (the targets: one step at most 0.5x diffusers' time, pairs at least 1.3x
+onestep and pairs cast them to the dtype as an inference user would, so they compare with diffusers' own timings
+(bench.md; the targets: one step at most 0.5x diffusers' time, pairs at least 1.3x
 its pairs/s). train repeats train.py's step with its defaults (fp32 master weights, autocast, D on 2B + mix-and-
 match fakes, E-LatentLPIPS, G's adversarial term, grad clipping, EMA; R1 timed apart and amortised over its
 interval); its FLOPs are counted once by torch's FLOP counter and MFU divides by --peak_tflops.
@@ -39,7 +39,7 @@ vae = 'sd'  # onestep: model.py VAE preset
 steps = 50  # pairs: DDIM steps (guidance 3)
 size = 64  # elpips: latent side (64 is SD1.5 at 512 px; the other sections use the UNet preset's)
 augment = 'bg'  # elpips, train: augmentation preset of losses.augment_pair, '' for none
-r1_interval = 16  # train: R1's cost is divided by this (train.py's default)
+r1_interval = 1  # train: R1's cost is divided by this (train.py's default: every step)
 peak_tflops = 989.0  # train: the GPU's dense bf16 peak for MFU (989: H100 SXM and H200)
 dtype = ''  # 'float32' or 'bfloat16'; default bfloat16 on cuda, float32 on cpu
 dtype_g = ''  # train: G's autocast, as train.py's dtype_g; default float16 on cuda (with loss scaling), else dtype
@@ -218,7 +218,7 @@ if 'train' in sections:
             weights = [p.to(ema.conv_in.weight.device) for p in raw_G.parameters()]  # (ema_cpu: a copy)
             torch._foreach_lerp_(list(ema.parameters()), weights, 0.01)
 
-    def r1_step():  # train.py's lazy R1: one real sample, the uncompiled D, math attention (double backward)
+    def r1_step():  # train.py's R1: one real sample, the uncompiled D, math attention (double backward)
         raw_D.requires_grad_(True)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             d = raw_D if not activation_checkpointing else (

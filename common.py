@@ -36,14 +36,19 @@ def setup_distributed(device, timeout_hours=None):
     return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
 
+def to_bytes(x):
+    """Float images in [-1,1] (any device or dtype) as uint8 on the CPU, channels first as given."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+
+
 def to_image(x):
-    """One [3,H,W] float image in [-1,1] (any device or dtype) as an 8-bit PIL image."""
-    return Image.fromarray(((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+    """One [3,H,W] float image in [-1,1] as an 8-bit PIL image."""
+    return Image.fromarray(to_bytes(x).permute(1, 2, 0).numpy())
 
 
 def image_grid(images, nrow=8):
     """A grid image of [N,3,H,W] floats in [-1,1] (any device or dtype), nrow images per row, each in a thin frame."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    x = to_bytes(images)
     x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=64)  # the frame, so that tiles do not merge
     n, c, h, w = x.shape
     ncol = (n + nrow - 1) // nrow

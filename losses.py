@@ -257,7 +257,7 @@ def augment_pair(x0, x1, preset='bg', p=1.0, generator=None):
     return x[:, :C], x[:, C:]
 
 # -----------------------------------------------------------------------------
-# GAN losses (Kang et al. 2024, Sec. 3.3): non-saturating, over D's multiscale heads, with lazy R1
+# GAN losses (Kang et al. 2024, Sec. 3.3): non-saturating, over D's multiscale heads, with R1
 
 def _heads(logits):
     return logits if isinstance(logits, (list, tuple)) else [logits]

@@ -276,7 +276,6 @@ def clip_from_state(sd, source, tokenizer, openclip, projection=False, drop_last
     """A transformers CLIP text model from a text-encoder state dict in HF naming (SD1, SDXL's first encoder) or in
     OpenCLIP naming (SD2, SDXL's bigG, converted by rule). The config comes from the tensor shapes; heads are 64 wide
     in every SD text encoder (CLIP-L 12, OpenCLIP-H 16, bigG 20)."""
-    names = OPENCLIP_NAMES
     out = {}
     for k, v in sd.items():
         k = k.removeprefix("text_model.")
@@ -287,7 +286,7 @@ def clip_from_state(sd, source, tokenizer, openclip, projection=False, drop_last
                 k = "embeddings.position_embedding.weight"
             elif k == "text_projection":
                 k, v = "text_projection.weight", v.t()  # OpenCLIP: x @ P; a Linear stores P^T
-            for a, b in names.items():
+            for a, b in OPENCLIP_NAMES.items():
                 k = re.sub(rf"(^|\.){re.escape(a)}\.", rf"\g<1>{b}.", k)
             if m := re.fullmatch(r"(.*)\.attn\.in_proj_(weight|bias)", k):  # fused q, k, v rows
                 for name, part in zip("qkv", v.chunk(3)):

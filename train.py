@@ -472,7 +472,7 @@ def log(line, scalars=None):
 def nonfinite_weight(net):
     """The first tensor of net whose fp32 norm is not finite, as 'name: norm', else None. The norm overflows for weights
     beyond about 1e19, far past any that a network still runs with."""
-    params = [(k, p) for k, p in net.named_parameters()]
+    params = list(net.named_parameters())
     norms = torch.stack(torch._foreach_norm([local(p.detach()) for _, p in params]))
     if fsdp:  # each rank holds a shard of each tensor: the squares' sum over ranks, the same answer on every rank
         norms = norms.to(device, torch.float64).square()
@@ -566,7 +566,7 @@ while step < max_steps:
     if gan:
         scaler.unscale_(opt_d)
         norms["gnorm_d"] = clip_grad_norm(raw_D.parameters(), grad_clip_d if grad_clip_d > 0 else float("inf"))
-        if do_r1:  # lazy R1 (Sec. 3.3), after the clip: clipped with the D loss, every R1 step would be a step of
+        if do_r1:  # R1 (Sec. 3.3), after the clip: clipped with the D loss, every R1 step would be a step of
             # fixed length along R1, whatever r1_gamma. On the uncompiled, unwrapped D (double backward), in fp32
             xr, zr, cr = r1_batch
             raw_D.requires_grad_(True)

@@ -16,7 +16,7 @@ import pytest
      [r"pairs, DDIM 2 \+ CFG 3 \| batch 2 .* \| channels_last \| .* pairs/s"]),
     (["--what=train", "--unet=tiny-sd1", "--batch=4", "--augment=bg"],
      [r"training step \(G \+ D \+ E-LatentLPIPS\), no R1 \| batch 4 \| 16x16 .* \| AdamW foreach \|",
-      r"R1 step .* 1/16 of steps",
+      r"R1 step .* 1/1 of steps",  # train.py's R1 interval (test_train_section_uses_train_py_s_adam_betas)
       r"training step, R1 amortised .* img/s \| \d+\.\d+ TFLOP per step .* MFU",
       r"E-LatentLPIPS fwd\+bwd alone \| batch 4 .* of the step"]),
 ])
@@ -30,15 +30,17 @@ def test_sections_run_on_tiny_models(argv, lines, run):
 
 
 def test_train_section_uses_train_py_s_adam_betas(root):
-    """bench.py times train.py's step, so its AdamW betas are train.py's defaults (read from both files' knobs)."""
+    """bench.py times train.py's step, so its AdamW betas and R1 interval are train.py's defaults (read from both
+    files' knobs)."""
     import ast
 
     def knobs(name):
         tree = ast.parse(open(os.path.join(root, name)).read())
         return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)
-                and t.id in ("beta1", "beta2", "beta1_d", "beta2_d", "betas", "betas_d")}
+                and t.id in ("beta1", "beta2", "beta1_d", "beta2_d", "betas", "betas_d", "r1_interval")}
 
     train, bench = knobs("train.py"), knobs("bench.py")
     assert bench["betas"] == (train["beta1"], train["beta2"])
     assert bench["betas_d"] == (train["beta1_d"], train["beta2_d"])
+    assert bench["r1_interval"] == train["r1_interval"]
