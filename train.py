@@ -135,6 +135,7 @@ if fsdp and not distributed:  # plain python: a process group of one, so that on
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1)
     distributed = True
+ddp = distributed and not fsdp  # several processes that each hold all of G and D
 master = rank == 0
 if batch_size % (world * grad_accum):
     raise SystemExit(f"--batch_size={batch_size} must divide by the number of processes ({world}) x "
@@ -336,7 +337,7 @@ if compile and not fsdp:
     G = torch.compile(G)
     D = torch.compile(D) if gan else None
 D_frozen = D  # D as seen by G's loss: no DDP (D's weights do not change in G's step)
-if distributed and not fsdp:
+if ddp:
     G = DDP(G, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
     D = DDP(D, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None) if gan else None
 
@@ -510,8 +511,8 @@ while step < max_steps:
         with torch.no_grad():
             cond = encode(prompts)
         last = m == grad_accum - 1
-        if distributed and not fsdp:  # DDP: sync gradients on the last micro-step only (FSDP reduce-scatters every
-            # micro-step: gradients left unsynced would be whole on every rank, not sharded)
+        if ddp:  # sync gradients on the last micro-step only (FSDP reduce-scatters every micro-step: gradients left
+            # unsynced would be whole on every rank, not sharded)
             G.require_backward_grad_sync = last
             if gan:
                 D.require_backward_grad_sync = last
@@ -583,8 +584,7 @@ while step < max_steps:
             r1.backward()  # once per step, not per micro-step: no 1 / grad_accum
             D_for_r1 = whole = None  # (the gathered weights, freed before D's optimiser step)
             raw_D.requires_grad_(False)
-            if distributed and not fsdp:  # every rank penalised its own sample: average (the D loss's part is the same
-                # on every rank)
+            if ddp:  # every rank penalised its own sample: average (the D loss's part is the same on every rank)
                 for p in raw_D.parameters():
                     dist.all_reduce(p.grad)
                     p.grad /= world
@@ -624,8 +624,7 @@ while step < max_steps:
         os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
         sample_grid(os.path.join(out_dir, "samples", f"step{step:06d}.png"))
     if step % ckpt_interval == 0 or step == max_steps:
-        if distributed and not fsdp:  # every rank must hold the same G: compare a sum of its weights (float64, no
-            # copy) before the save
+        if ddp:  # every rank must hold the same G: compare a sum of its weights (float64, no copy) before the save
             sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(world)]
             dist.all_gather(sums, torch.stack([p.detach().sum(dtype=torch.float64) for p in raw_G.parameters()]).sum())
             if len({s.item() for s in sums}) != 1:
