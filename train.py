@@ -69,6 +69,10 @@ weight_decay = 0.0
 warmup = 20  # linear learning-rate warmup, in steps
 grad_clip = 1.0  # max gradient norm of G (0 = off)
 grad_clip_d = 1.0  # max gradient norm of D's loss (0 = off); R1's gradient is added after the clip
+grad_clip_r1 = 1.0  # max norm of R1's gradient, clipped on its own (0 = off). Not in the paper: a spike of single-
+# sample R1, unclipped, flattens D in one step and fills its Adam second moment, and D then scores everything alike
+# for hundreds of steps (toy/README.md). The log's gnorm_r1 is the norm before the clip: if it is always above, R1
+# has become a fixed-length step and r1_gamma no longer sets its weight
 ema_decay = 0.99  # EMA of G's weights (the EMA is what sample.py and eval.py use)
 ema_warmup = False  # decay min(ema_decay, 1 - 9/(10+step)), ~the last 1/9 of the steps (0.9999 alone: 14% teacher at 20k)
 # system
@@ -567,15 +571,17 @@ while step < max_steps:
     if gan:
         scaler.unscale_(opt_d)
         norms["gnorm_d"] = clip_grad_norm(raw_D.parameters(), grad_clip_d if grad_clip_d > 0 else float("inf"))
-        if do_r1:  # R1 (Sec. 3.3), after the clip: clipped with the D loss, every R1 step would be a step of
-            # fixed length along R1, whatever r1_gamma. On the uncompiled, unwrapped D (double backward), in fp32
+        if do_r1:  # R1 (Sec. 3.3), clipped apart from the D loss (together, every R1 step would be a step of fixed
+            # length along R1, whatever r1_gamma). On the uncompiled, unwrapped D (double backward), in fp32
             xr, zr, cr = r1_batch
+            d_loss_grads = [p.grad for p in raw_D.parameters()]  # set aside: R1's gradient is clipped on its own
+            raw_D.zero_grad(set_to_none=True)
             raw_D.requires_grad_(True)
             D_for_r1 = lambda xx: raw_D(xx, zr, **cr)
             if fsdp or activation_checkpointing:  # on the plain D_r1 (above), with D's own weights; under FSDP with
                 # D's fp32 weights gathered whole (D's size once more, for now): the gradient of each rank's penalty
                 # flows back through the gather as a reduce-scatter that averages over ranks, into this rank's
-                # shards, where it adds to the D loss's (as DDP's average below)
+                # shards (as DDP's average below)
                 whole = ({k: p.full_tensor(grad_placements=[Partial("avg")]) for k, p in raw_D.named_parameters()}
                          if fsdp else dict(raw_D.named_parameters()))
                 D_for_r1 = lambda xx: torch.func.functional_call(D_r1, whole, (xx, zr), cr)
@@ -584,10 +590,16 @@ while step < max_steps:
             r1.backward()  # once per step, not per micro-step: no 1 / grad_accum
             D_for_r1 = whole = None  # (the gathered weights, freed before D's optimiser step)
             raw_D.requires_grad_(False)
-            if ddp:  # every rank penalised its own sample: average (the D loss's part is the same on every rank)
+            if ddp:  # every rank penalised its own sample: average, then clip (the same on every rank)
                 for p in raw_D.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+                    if p.grad is not None:  # (none for weights that R1 does not depend on: the heads' biases)
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            norms["gnorm_r1"] = clip_grad_norm(raw_D.parameters(), grad_clip_r1 if grad_clip_r1 > 0 else float("inf"))
+            for p, g in zip(raw_D.parameters(), d_loss_grads):  # + the D loss's clipped gradient
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+            d_loss_grads = None
             terms["r1"] = [r1.detach()]
         scaler.step(opt_d)
         opt_d.zero_grad(set_to_none=True)

@@ -47,8 +47,8 @@ def test_one_step_changes_only_G_and_D(world, tmp_path, monkeypatch, root):
     assert g["step"] == 1 and os.path.exists(tmp_path / "ckpt.pt")
 
 
-def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch, root):
-    """grad_clip bounds G's gradient norm, grad_clip_d D's (R1 steps included); 0 turns a clip off."""
+def test_G_D_and_R1_have_their_own_gradient_clip(world, tmp_path, monkeypatch, root):
+    """grad_clip bounds G's gradient norm, grad_clip_d the D loss's, grad_clip_r1 R1's; 0 turns a clip off."""
     calls = []
     clip = torch.nn.utils.clip_grad_norm_
 
@@ -58,18 +58,44 @@ def test_G_and_D_have_their_own_gradient_clip(world, tmp_path, monkeypatch, root
         return clip(params, max_norm, *a, **kw)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=1, grad_clip=0.5, grad_clip_d=0)])
+    monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=1, grad_clip=0.5, grad_clip_d=0,
+                                                        grad_clip_r1=0.25)])
     g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
-    (g_first, g_clip), (d_first, d_clip) = calls
-    assert g_first is next(g["raw_G"].parameters()) and d_first is next(g["raw_D"].parameters())
-    assert (g_clip, d_clip) == (0.5, float("inf"))
+    (g_first, g_clip), (d_first, d_clip), (r1_first, r1_clip) = calls  # step 0 is an R1 step
+    assert g_first is next(g["raw_G"].parameters()) and d_first is r1_first is next(g["raw_D"].parameters())
+    assert (g_clip, d_clip, r1_clip) == (0.5, float("inf"), 0.25)
+
+
+def test_r1_spike_is_clipped_on_its_own(world, tmp_path, monkeypatch, capsys, root):
+    """A huge R1 (gamma 1e5) reaches D's optimiser as at most grad_clip_r1 beside the D loss's grad_clip_d: the
+    gradient D steps with has norm <= the sum of the two clips, while gnorm_r1 (logged before its clip) is far above.
+    With grad_clip_r1=0 the same R1 reaches the optimiser whole."""
+    step_norms = {}
+    adam_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        grads = [p.grad.flatten() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        step_norms.setdefault(id(self), []).append(torch.cat(grads).norm().item())
+        return adam_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    seen = {}
+    for clip_r1 in (1e-5, 0):
+        monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path / f"c{clip_r1}", max_steps=2, r1_interval=1,
+                                                            r1_gamma=1e5, grad_clip_d=1e-5, grad_clip_r1=clip_r1)])
+        g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 2 |")][0]
+        seen[clip_r1] = step_norms[id(g["opt_d"])][1], float(line.split("| gnorm_r1 ")[1].split()[0])
+    (clipped, r1_norm), (whole, r1_norm_unclipped) = seen[1e-5], seen[0]
+    assert r1_norm > 1e-3 and clipped <= 2e-5 * (1 + 1e-5)  # step 2: D's heads are no longer zero, R1 has a gradient
+    assert whole > 0.5 * r1_norm_unclipped > 5e-4
 
 
 def test_r1_is_not_clipped_with_the_d_loss(world, tmp_path, monkeypatch, capsys, root):
-    """R1's gradient joins D's after the clip: the clipped norm (gnorm_d, logged before clipping) is the D loss's
-    alone, the same with R1 at weight 0 or 1e5, while the weights D ends with differ. At step 1 D's heads are zero,
-    so R1 has no gradient; step 2 shows it. Clipped together, gnorm_d grew with gamma and every R1 step had the clip's
-    length whatever gamma was."""
+    """R1's gradient joins D's after the D loss's clip (R1 has its own): the clipped norm (gnorm_d, logged before
+    clipping) is the D loss's alone, the same with R1 at weight 0 or 1e5, while the weights D ends with differ. At
+    step 1 D's heads are zero, so R1 has no gradient; step 2 shows it. Clipped together, gnorm_d grew with gamma and
+    every R1 step had the clip's length whatever gamma was."""
     logs, D = {}, {}
     for gamma in (0, 100000):
         monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path / f"g{gamma}", max_steps=2, r1_interval=1,
