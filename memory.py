@@ -33,9 +33,11 @@ def optimizer_state_bytes(opt):
 
 
 def clip_grad_norm(params, max_norm):
-    """torch.nn.utils.clip_grad_norm_, and for FSDP's sharded parameters the same on this rank's shards: the norm from
-    their squares summed over ranks (every rank gets the same), then the same scaling of every shard. (Given
-    DTensors, torch's own costs seconds per call on a CPU: DTensor plans each op on its hundreds of tensors.)"""
+    """torch.nn.utils.clip_grad_norm_ (max_norm 0: no clip, the norm only), and for FSDP's sharded parameters the same
+    on this rank's shards: the norm from their squares summed over ranks (every rank gets the same), then the same
+    scaling of every shard. (Given DTensors, torch's own costs seconds per call on a CPU: DTensor plans each op on its
+    hundreds of tensors.)"""
+    max_norm = max_norm if max_norm > 0 else float("inf")
     params = [p for p in params if p.grad is not None]
     if not any(isinstance(p, DTensor) for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)

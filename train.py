@@ -564,13 +564,13 @@ while step < max_steps:
             terms.setdefault(key, []).append(v.float())
     # optimiser steps, gradient norms (before clipping), EMA
     scaler.unscale_(opt_g)
-    norm_g = clip_grad_norm(raw_G.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    norm_g = clip_grad_norm(raw_G.parameters(), grad_clip)
     scaler.step(opt_g)
     opt_g.zero_grad(set_to_none=True)
     norms = {"gnorm_g": norm_g}
     if gan:
         scaler.unscale_(opt_d)
-        norms["gnorm_d"] = clip_grad_norm(raw_D.parameters(), grad_clip_d if grad_clip_d > 0 else float("inf"))
+        norms["gnorm_d"] = clip_grad_norm(raw_D.parameters(), grad_clip_d)
         if do_r1:  # R1 (Sec. 3.3), clipped apart from the D loss (together, every R1 step would be a step of fixed
             # length along R1, whatever r1_gamma). On the uncompiled, unwrapped D (double backward), in fp32
             xr, zr, cr = r1_batch
@@ -595,7 +595,7 @@ while step < max_steps:
                     if p.grad is not None:  # (none for weights that R1 does not depend on: the heads' biases)
                         dist.all_reduce(p.grad)
                         p.grad /= world
-            norms["gnorm_r1"] = clip_grad_norm(raw_D.parameters(), grad_clip_r1 if grad_clip_r1 > 0 else float("inf"))
+            norms["gnorm_r1"] = clip_grad_norm(raw_D.parameters(), grad_clip_r1)
             for p, g in zip(raw_D.parameters(), d_loss_grads):  # + the D loss's clipped gradient
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad.add_(g)
