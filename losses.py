@@ -272,11 +272,17 @@ def gan_loss_g(fake_logits):
     # logits in fp32: softplus of bf16 logits is coarse exactly where D is confident
     return torch.stack([F.softplus(-l.float()).mean() for l in _heads(fake_logits)]).mean()
 
-def gan_loss_d(real_logits, fake_logits):
-    """Non-saturating D loss, softplus(-D(real)) + softplus(D(fake)), heads combined as in gan_loss_g."""
+def gan_loss_d(real_logits, fake_logits, drift=0.0):
+    """Non-saturating D loss, softplus(-D(real)) + softplus(D(fake)), heads combined as in gan_loss_g; plus
+    drift * (mean of s^2 over the reals + mean of s^2 over the fakes), s = d_score, each sample's score (the drift
+    term of Karras et al. 2018, there on reals only; not in Kang et al. 2024). Once D separates its inputs the
+    softplus terms have no minimum: their gradient shrinks as the logits grow, and Adam, which divides it by its own
+    size, keeps growing them. The drift term puts a minimum where sigmoid(-s) = 2 * drift * s: |s| = 2 at 0.03."""
     real = torch.stack([F.softplus(-l.float()).mean() for l in _heads(real_logits)]).mean()
     fake = torch.stack([F.softplus(l.float()).mean() for l in _heads(fake_logits)]).mean()
-    return real + fake
+    if not drift:
+        return real + fake
+    return real + fake + drift * (d_score(real_logits).square().mean() + d_score(fake_logits).square().mean())
 
 def r1_penalty(D, x, *cond, gamma=1.0, interval=1):
     """R1 (Mescheder et al. 2018) as used by Kang et al. 2024, Sec. 3.3: gamma/2 * interval * ||d s(x) / dx||^2,

@@ -54,6 +54,8 @@ r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not
 r1_interval = 1  # R1 every step. Departs from the paper's lazy R1 (every 16 steps at 16x the weight): on the toy each
 # lazy step's spike fills D's Adam second moment (beta1_d=0) and D falls to chance (toy/README.md). Never clipped
 r1_single = True  # R1 on one real sample (paper) or on the whole batch
+d_drift = 0.0  # weight of drift * mean(score^2) in D's loss (0 = off). Not in the paper: without it D's logits grow
+# at a fixed rate once it separates (Adam's normalised steps on a loss with no minimum), see losses.gan_loss_d
 # optimisation
 batch_size = 64  # global batch: per GPU it is batch_size // (world size * grad_accum)
 grad_accum = 1  # micro-steps per step
@@ -535,7 +537,7 @@ while step < max_steps:
             B = len(x)
             real = [l[:B] for l in logits]
             fake = [l[B:] for l in logits]  # G's outputs and the mismatched reals, both fake
-            loss_d = losses.gan_loss_d(real, fake)
+            loss_d = losses.gan_loss_d(real, fake, drift=d_drift)
             scaler.scale(loss_d / grad_accum).backward()
             score = losses.d_score([l.detach() for l in logits])  # D's verdict per sample, as its loss reads it
             step_terms |= {"d_loss": loss_d.detach(), "d_real": score[:B].mean(), "d_fake": score[B:2 * B].mean(),

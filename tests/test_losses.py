@@ -246,6 +246,27 @@ def test_gan_losses_by_hand():
     assert all(l.grad is not None and l.grad.abs().sum() > 0 for l in logits)
 
 
+@pytest.mark.parametrize("drift", [0.0, 0.03])
+def test_drift_bounds_the_logits_of_a_separating_D(drift):
+    # reals at +1, fakes at -1: D = w * x separates them, and without drift Adam keeps growing w, the softplus terms
+    # having no minimum. The drift term gives them one, where sigmoid(-s) = 2 * drift * s: s = 1.99 at drift 0.03
+    w = torch.zeros(2, requires_grad=True)  # two heads
+    opt = torch.optim.Adam([w], lr=0.01, betas=(0.0, 0.99))
+    real, fake = torch.ones(8, 1), -torch.ones(8, 1)
+    score = []
+    for _ in range(1500):
+        loss = gan_loss_d([w[0] * real, w[1] * real], [w[0] * fake, w[1] * fake], drift=drift)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        score.append(d_score([w[0] * real, w[1] * real]).mean().item())
+    if drift:
+        assert score[-1] == pytest.approx(1.99, abs=0.02) and abs(score[-1] - score[999]) < 0.01  # settled
+        assert gan_loss_d([torch.tensor([[0.5]])], [torch.tensor([[-1.0]])], drift=drift).item() == pytest.approx(
+            sp(-0.5) + sp(-1.0) + drift * (0.25 + 1.0), rel=1e-6)
+    else:
+        assert score[-1] > score[999] + 1.5  # still growing, by ~2 per 500 steps
+
 class TinyD(nn.Module):
     """Two heads at two scales, conditioned on a vector: enough to make R1 non-trivial."""
     def __init__(self):
