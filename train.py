@@ -54,8 +54,9 @@ r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not
 r1_interval = 1  # R1 every step. Departs from the paper's lazy R1 (every 16 steps at 16x the weight): on the toy each
 # lazy step's spike fills D's Adam second moment (beta1_d=0) and D falls to chance (toy/README.md). Never clipped
 r1_single = True  # R1 on one real sample (paper) or on the whole batch
-d_drift = 0.0  # weight of drift * mean(score^2) in D's loss (0 = off). Not in the paper: without it D's logits grow
-# at a fixed rate once it separates (Adam's normalised steps on a loss with no minimum), see losses.gan_loss_d
+d_drift = 0.03  # weight of drift * mean(score^2) in D's loss (0 = off). Not in the paper: without it D's logits grow
+# at a fixed rate once it separates (Adam's normalised steps on a loss with no minimum; toy: +-0.11 per 50 steps); 0.03
+# puts the loss's minimum at scores of about +-2 (losses.gan_loss_d). The score is a mean logit: no scaling with size
 # optimisation
 batch_size = 64  # global batch: per GPU it is batch_size // (world size * grad_accum)
 grad_accum = 1  # micro-steps per step
