@@ -52,7 +52,7 @@ mix_match = 0.25  # share of the batch added as fakes: real latents with another
 r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not published: tuned on the toy's 8x8
 # latents; the SD configs scale it by latent area, see config/sd15.py)
 r1_interval = 1  # R1 every step. Departs from the paper's lazy R1 (every 16 steps at 16x the weight): on the toy each
-# lazy step's spike fills D's Adam second moment (beta1_d=0) and D falls to chance (toy/README.md). Never clipped
+# lazy step's spike fills D's Adam second moment (beta1_d=0) and D falls to chance (toy/README.md)
 r1_single = True  # R1 on one real sample (paper) or on the whole batch
 d_drift = 0.03  # weight of drift * mean(score^2) in D's loss (0 = off). Not in the paper: without it D's logits grow
 # at a fixed rate once it separates (Adam's normalised steps on a loss with no minimum; toy: +-0.11 per 50 steps); 0.03

@@ -267,6 +267,7 @@ def test_drift_bounds_the_logits_of_a_separating_D(drift):
     else:
         assert score[-1] > score[999] + 1.5  # still growing, by ~2 per 500 steps
 
+
 class TinyD(nn.Module):
     """Two heads at two scales, conditioned on a vector: enough to make R1 non-trivial."""
     def __init__(self):
