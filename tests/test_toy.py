@@ -246,8 +246,12 @@ def test_seeds_summary_and_paired_difference(tmp_path, capsys):
             (tmp_path / recipe / f"seed{s}").mkdir(parents=True)
             row = {"1": {"fid": fid, "acc": 0.9}, "2": {"fid": 2 * fid, "acc": 0.8}}
             (tmp_path / recipe / f"seed{s}" / "metrics.json").write_text(json.dumps({"step": 5, "student": row}))
+    log = "step 20 | d_loss 1.3 | d_real 0.5 | d_fake -0.7 | d_mm 0.1 | g_rec 2.0\nstep 40 | d_real 1.25 | d_fake -2.5\n"
+    (tmp_path / "a" / "seed1" / "log.txt").write_text(log)  # a GAN run: D's largest |mean logit| is 2.5
     seeds.main([f"--compare={tmp_path}/a,{tmp_path}/b"])
     out = capsys.readouterr().out
+    assert re.search(r"max \|D's mean logit\| over the log\s+- 2\.5000 -\n", out), out  # and none for b's runs
+    assert out.count("max |D's mean logit|") == 1
     assert re.search(r"fid, 1 obj\.\s+12\.0000 ± 2\.0000", out)  # a: mean 12, sd 2
     # a - b per seed: -1, -2, 0 -> mean -1, sd 1, SE 1/sqrt(3)
     assert re.search(r"fid, 1 obj\.\s+-1\.0000 ± 0\.5774 \(SE\)\s+mean/SE -1\.73", out), out

@@ -9,7 +9,8 @@ Seed s trains `python train.py --seed=s --out_dir=OUT_DIR/seed{s}` with every ot
 draws the data order, the augmentations and D's new heads; the pairs and the teacher are the same for all). Runs go
 `jobs` at a time, each on `threads` CPU threads; re-running the command resumes unfinished runs (train.py resumes
 from its checkpoint) and skips finished ones (out_dir/seedS/metrics.json at the run's last step). The paired
-difference of two recipes uses the seeds they share: its mean, standard error (sd / sqrt(n)) and mean / SE.
+difference of two recipes uses the seeds they share: its mean, standard error (sd / sqrt(n)) and mean / SE. For a
+recipe with a GAN, each run's largest |mean logit| of D on any line of its log is printed too (D's health).
 """
 import json
 import math
@@ -50,6 +51,20 @@ def results(folder):
     return out
 
 
+def d_logit_extreme(folder):
+    """The largest |mean logit| of D (d_real, d_fake, d_mm, d_heldout) on any line of a run's log.txt; None without a
+    GAN. The log holds every log interval's mean, so this is the whole run's extreme at the log's resolution."""
+    path, worst = os.path.join(folder, "log.txt"), None
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                for field in line.split("|"):
+                    key, _, value = field.strip().partition(" ")
+                    if key in ("d_real", "d_fake", "d_mm", "d_heldout"):
+                        worst = max(worst or 0.0, abs(float(value)))
+    return worst
+
+
 def finished(out, steps):
     """Whether the run in out has its metrics at the last step."""
     path = os.path.join(out, "metrics.json")
@@ -73,6 +88,9 @@ def table(folder):
     for key in sorted(next(iter(runs.values()))):
         m, sd = mean_sd([r[key] for r in runs.values()])
         print(f"  {key[0]:>10s}, {key[1]} obj. {m:9.4f} ± {sd:.4f}   " + " ".join(f"{r[key]:.4f}" for r in runs.values()))
+    extremes = [d_logit_extreme(os.path.join(folder, f"seed{s}")) for s in runs]
+    if any(e is not None for e in extremes):  # D's health over the whole run: its mean logits' largest size
+        print("  max |D's mean logit| over the log  " + " ".join("-" if e is None else f"{e:.4f}" for e in extremes))
     return runs
 
 
