@@ -203,7 +203,7 @@ if 'train' in sections:
         with ctx:
             logits = D(torch.cat([x, x_hat.detach(), x[:k]]), torch.cat([z, z, z.roll(1, 0)[:k]]),
                        torch.cat([c, c, c.roll(1, 0)[:k]]))
-        scaler.scale(gan_loss_d([l[:B] for l in logits], [l[B:] for l in logits])).backward()
+        scaler.scale(gan_loss_d([l[:B] for l in logits], [l[B:] for l in logits], drift=0.03)).backward()
         raw_D.requires_grad_(False)  # G step: E-LatentLPIPS + the adversarial term through the frozen D
         with ctx:
             loss_g = lpips(x_hat, x, augment=augment or None).mean() + 0.1 * gan_loss_g(D(x_hat, z, c))
