@@ -206,7 +206,7 @@ if 'train' in sections:
         scaler.scale(gan_loss_d([l[:B] for l in logits], [l[B:] for l in logits], drift=0.03)).backward()
         raw_D.requires_grad_(False)  # G step: E-LatentLPIPS + the adversarial term through the frozen D
         with ctx:
-            loss_g = lpips(x_hat, x, augment=augment or None).mean() + 0.1 * gan_loss_g(D(x_hat, z, c))
+            loss_g = lpips(x_hat, x, augment=augment or None).mean() + gan_loss_g(D(x_hat, z, c))  # lambda_gan 1
         scaler.scale(loss_g).backward()
         for opt, net in ((opt_g, raw_G), (opt_d, raw_D)):
             scaler.unscale_(opt)

@@ -241,6 +241,9 @@ def test_gan_losses_by_hand():
     assert gan_loss_g(heads).item() == pytest.approx(g, rel=1e-6)
     d = ((sp(0.0) + sp(-2.0)) / 2 + sp(1.0)) / 2 + sp(3.0)
     assert gan_loss_d(heads, torch.tensor([3.0])).item() == pytest.approx(d, rel=1e-6)
+    # + drift * (mean of the reals' squared scores + the fakes'): here one real scoring 0.5, one fake -1
+    assert gan_loss_d([torch.tensor([[0.5]])], [torch.tensor([[-1.0]])], drift=0.03).item() == pytest.approx(
+        sp(-0.5) + sp(-1.0) + 0.03 * (0.25 + 1.0), rel=1e-6)
     logits = [h.clone().requires_grad_(True) for h in heads]
     (gan_loss_g(logits) + gan_loss_d(logits, logits)).backward()
     assert all(l.grad is not None and l.grad.abs().sum() > 0 for l in logits)
@@ -262,8 +265,6 @@ def test_drift_bounds_the_logits_of_a_separating_D(drift):
         score.append(d_score([w[0] * real, w[1] * real]).mean().item())
     if drift:
         assert score[-1] == pytest.approx(1.99, abs=0.02) and abs(score[-1] - score[999]) < 0.01  # settled
-        assert gan_loss_d([torch.tensor([[0.5]])], [torch.tensor([[-1.0]])], drift=drift).item() == pytest.approx(
-            sp(-0.5) + sp(-1.0) + drift * (0.25 + 1.0), rel=1e-6)
     else:
         assert score[-1] > score[999] + 1.5  # still growing, by ~2 per 500 steps
 
