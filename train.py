@@ -47,7 +47,9 @@ d_init = "teacher"  # 'teacher' or 'scratch'
 d_z_cond = True  # D sees the noise z (zero-initialised conv)
 d_ms_input = True  # multiscale input: resized x at every encoder level
 d_ms_output = True  # multiscale output: heads before, at and after every skip connection
-t_D = 0  # D's fixed timestep input: it judges clean latents
+t_D = 0  # D's fixed timestep: 0 = it judges clean latents (the paper); t > 0 = every latent D judges (reals, fakes,
+# R1's real) is first noised to t by the forward process, fresh noise each time. Not in the paper: the noise hides
+# fine latent noise in G's output (its eps error x14.6 at t=999) that D otherwise keys on (toy/README.md)
 mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
 r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not published: tuned on the toy's 8x8
 # latents; the SD configs scale it by latent area, see config/sd15.py)
@@ -365,6 +367,14 @@ def lr_at(s, base):
     return base * min(1.0, (s + 1) / warmup)
 
 
+def d_view(x, generator=None):
+    """A latent as D sees it: noised to timestep t_D by the forward process (clean at t_D = 0)."""
+    if t_D == 0:
+        return x
+    noise = torch.randn(x.shape, generator=generator, device="cpu" if generator else x.device).to(x.device)
+    return abar[t_D].sqrt() * x + (1 - abar[t_D]).sqrt() * noise
+
+
 def mixed_fakes(j, n):
     """Mix-and-match fakes in micro-steps 0..j-1 of n samples each: a fractional share spreads over micro-steps
     (0.25 of 2 gives 0, 1, 0, 1, ...) instead of rounding to none; rounded to 6 places so whole shares stay exact."""
@@ -414,11 +424,11 @@ if gan and d_holdout and everyone:  # the held-out pairs, for D's score on reals
 @torch.no_grad()
 def heldout_score():
     """D's mean score (as its loss reads the logits) on the held-out real pairs, in micro-batches."""
-    scores = []
+    scores, noise = [], torch.Generator().manual_seed(0)  # with t_D > 0 the same noise at every log line
     for i in range(0, len(held_z), micro):
         c = {key: v[i:i + micro] if v is not None else None for key, v in held_cond.items()}
         with ctx:
-            scores.append(losses.d_score(raw_D(held_x[i:i + micro], held_z[i:i + micro], **c)))
+            scores.append(losses.d_score(raw_D(d_view(held_x[i:i + micro], noise), held_z[i:i + micro], **c)))
     return torch.cat(scores).mean().item()
 
 
@@ -534,7 +544,8 @@ while step < max_steps:
             cat = lambda a, b: torch.cat([a, a, b]) if a is not None else None
             d_cond = {key: cat(v, shift(v) if v is not None else None) for key, v in cond.items()}
             with ctx:
-                logits = D(torch.cat([x, x_hat.detach(), x[:k]]), torch.cat([z, z, shift(z)]), **d_cond)
+                x_d = d_view(torch.cat([x, x_hat.detach(), x[:k]]))
+                logits = D(x_d, torch.cat([z, z, shift(z)]), **d_cond)
             B = len(x)
             real = [l[:B] for l in logits]
             fake = [l[B:] for l in logits]  # G's outputs and the mismatched reals, both fake
@@ -547,7 +558,7 @@ while step < max_steps:
                 step_terms["d_mm"] = score[2 * B:].mean()
             if do_r1 and m == 0:  # the R1 sample(s): this step's first real(s), penalised after D's clip (below)
                 n_r1 = 1 if r1_single else B
-                r1_batch = (x[:n_r1], z[:n_r1], {key: v[:n_r1] if v is not None else None for key, v in cond.items()})
+                r1_batch = (x_d[:n_r1], z[:n_r1], {key: v[:n_r1] if v is not None else None for key, v in cond.items()})
             raw_D.requires_grad_(False)  # G's step sends gradients through D, not into it
         # --- G step: regression to the teacher's x, plus the adversarial term through the frozen D. The two terms meet
         # at G's output: their gradients there are taken apart (so the log can show their ratio), then summed and sent
@@ -558,7 +569,7 @@ while step < max_steps:
         step_terms["g_rec"] = loss_rec.detach()
         if gan:
             with ctx:
-                loss_adv = losses.gan_loss_g(D_frozen(x_out, z, **cond))
+                loss_adv = losses.gan_loss_g(D_frozen(d_view(x_out), z, **cond))
             (grad_adv,) = torch.autograd.grad(lambda_gan * loss_adv, x_out)
             step_terms |= {"g_adv": loss_adv.detach(), "adv_rec": grad_adv.norm() / grad.norm()}  # G's gradient ratio
             grad = grad + grad_adv

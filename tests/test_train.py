@@ -127,6 +127,31 @@ def test_the_log_shows_d_health(world, tmp_path, monkeypatch, capsys, run, root)
     assert r.returncode != 0 and "--d_holdout=24" in r.stderr and "none would be left" in r.stderr, r.stderr[-2000:]
 
 
+def test_D_judges_latents_noised_to_t_D(world, tmp_path, monkeypatch, root):
+    """t_D > 0: every latent D judges (reals, fakes, G's adversarial view, R1's real) is the clean one noised to t_D by
+    the forward process, fresh noise each time; t_D = 0 leaves them clean. Same seed: the same batch and G's fakes."""
+    import discriminator
+    forward, seen = discriminator.Discriminator.forward, {}
+
+    def spy(self, x, z, *a, **kw):
+        seen.setdefault(self.t_D, []).append(x.detach().clone())
+        return forward(self, x, z, *a, **kw)
+    monkeypatch.setattr(discriminator.Discriminator, "forward", spy)
+    for t in (0, 200):
+        monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path / str(t), max_steps=1, t_D=t, mix_match=0,
+                                                            r1_interval=1, d_holdout=0)])
+        g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+    a = g["abar"][200]
+    (clean_d, clean_g), (noisy_d, noisy_g, noisy_r1) = seen[0][:2], seen[200]  # D step (8 = 4 real + 4 fake), G, R1
+    assert [len(v) for v in (clean_d, clean_g, noisy_d, noisy_g, noisy_r1)] == [8, 4, 8, 4, 1]
+    for clean, noisy in ((clean_d, noisy_d), (clean_g, noisy_g)):
+        noise = (noisy - a.sqrt() * clean) / (1 - a).sqrt()
+        assert abs(noise.std().item() - 1) < 0.15 and abs(noise.mean().item()) < 0.15, noise.std()
+        assert abs(torch.corrcoef(torch.stack([noise.flatten(), clean.flatten()]))[0, 1]) < 0.15
+    assert not torch.allclose(noisy_g, noisy_d[4:], atol=1e-2)  # G's view of its fakes: fresh noise
+    assert torch.equal(noisy_r1, noisy_d[:1])  # R1 penalises the real D's loss saw, noised
+
+
 def test_pairs_from_another_teacher_are_refused(world, tmp_path, run):
     """train.py checks the pairs' teacher fingerprint against the loaded teacher, whatever dtype made the pairs."""
     import json
