@@ -189,6 +189,9 @@ n_train = len(data) - d_holdout  # the held-out pairs are never trained on, with
 if n_train < 1:
     raise SystemExit(f"--d_holdout={d_holdout}: {pairs} holds only {len(data)} pairs, none would be left to train on")
 abar = T.alphas_cumprod.to(device)
+for knob in ("t_G", "t_D"):
+    if not 0 <= globals()[knob] < len(abar):
+        raise SystemExit(f"--{knob}={globals()[knob]}: a timestep of the teacher's schedule, 0 to {len(abar) - 1}")
 
 
 def encode(prompts):
