@@ -48,7 +48,7 @@ d_z_cond = True  # D sees the noise z (zero-initialised conv)
 d_ms_input = True  # multiscale input: resized x at every encoder level
 d_ms_output = True  # multiscale output: heads before, at and after every skip connection
 t_D = 0  # D's fixed timestep: 0 = it judges clean latents (the paper); t > 0 = every latent D judges (reals, fakes,
-# R1's real) is first noised to t by the forward process, fresh noise each time. Not in the paper: the noise hides
+# G's adversarial view, R1's real) is first noised to t by the forward process (d_view), fresh noise each time. Not in the paper: the noise hides
 # fine latent noise in G's output (its eps error x14.6 at t=999) that D otherwise keys on (toy/README.md)
 mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
 r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not published: tuned on the toy's 8x8
@@ -546,8 +546,8 @@ while step < max_steps:
             shift = lambda v: v.roll(1, 0)[:k]  # sample i gets sample i-1's noise and prompt
             cat = lambda a, b: torch.cat([a, a, b]) if a is not None else None
             d_cond = {key: cat(v, shift(v) if v is not None else None) for key, v in cond.items()}
+            x_d = d_view(torch.cat([x, x_hat.detach(), x[:k]]))  # fp32, as D sees them (noised when t_D > 0)
             with ctx:
-                x_d = d_view(torch.cat([x, x_hat.detach(), x[:k]]))
                 logits = D(x_d, torch.cat([z, z, shift(z)]), **d_cond)
             B = len(x)
             real = [l[:B] for l in logits]
