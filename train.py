@@ -48,8 +48,9 @@ d_z_cond = True  # D sees the noise z (zero-initialised conv)
 d_ms_input = True  # multiscale input: resized x at every encoder level
 d_ms_output = True  # multiscale output: heads before, at and after every skip connection
 t_D = 0  # D's fixed timestep: 0 = it judges clean latents (the paper); t > 0 = every latent D judges (reals, fakes,
-# G's adversarial view, R1's real) is first noised to t by the forward process (d_view), fresh noise each time. Not in the paper: the noise hides
-# fine latent noise in G's output (its eps error x14.6 at t=999) that D otherwise keys on (toy/README.md)
+# G's adversarial view, R1's real) is first noised to t by the forward process (d_view), fresh noise each time. Not in
+# the paper: the noise hides fine latent noise in G's output (its eps error x14.6 at t=999) that D otherwise keys on
+# (toy/README.md)
 mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
 r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not published: tuned on the toy's 8x8
 # latents; the SD configs scale it by latent area, see config/sd15.py)
