@@ -435,7 +435,7 @@ def load_teacher(path, device="cpu", dtype=torch.float32, tokenizer=None, predic
     vae = load_vae(root, vae_config, torch.float32, variant, sd=sd)
     if not (vae.cfg.force_upcast and dtype == torch.float16):  # SDXL's VAE overflows in fp16: there keep it in fp32,
         vae = vae.to(dtype)  # unrounded (like diffusers' SDXL pipeline, which upcasts for fp16 only, not bf16)
-    del sd  # (a single file is read once, above; free what no model took over)
+    sd = None  # (a single file is read once, above; free what no model took over)
     encoders = [e.to(device, dtype) for e in encoders]
     for m in [unet.to(device), vae.to(device), *encoders]:
         m.eval().requires_grad_(False)

@@ -26,9 +26,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 out_dir = "out/toy"  # checkpoints, sample grids, log and metrics
 teacher = "toy"  # 'toy' = the toy world's (toy/weights/sd); else a diffusers folder, single file or hub id
 pairs = "pairs/toy"  # a make_pairs.py folder; for the toy it is made here when missing
-toy_pairs = 4000  # toy only: how many pairs to make (one per training caption)
-d_holdout = 64  # the folder's last pairs, never trained on: D's score on them is logged (an overfitting D scores
-# its training reals far above these)
+toy_pairs = 4000  # toy only: how many pairs to make (one per training caption). 4,000 keep the quick start short;
+# runs of thousands of steps learn them by heart (mse_heldout >> mse) and want more (toy/README.md: 64,000)
+holdout = 64  # the folder's last pairs, never trained on. Logged on them: G's latent MSE to the teacher's x
+# (mse_heldout; far above mse, the training batches', G is memorising its pairs) and D's score (d_heldout; far below
+# d_real, D is)
 pair_steps = 25  # toy only: DDIM steps of the pairs (make_pairs.py's default is 50; 25 keeps the toy fast)
 pair_guidance = 3.0  # toy only: guidance of the pairs (the paper's SD-CFG-3 set)
 resume = True  # continue from out_dir/ckpt.pt (parallel=fsdp: out_dir/ckpt/) when it exists
@@ -186,9 +188,9 @@ if made_by != T.fingerprint(DTYPES[data.index["settings"]["dtype"]]):
     raise SystemExit(f"{pairs}/index.json: these pairs were made by another teacher than --teacher={teacher} "
                      "(its UNet, text encoder, tokenizer or schedule differ): make pairs with this teacher, or train "
                      "with the teacher that made them")
-n_train = len(data) - d_holdout  # the held-out pairs are never trained on, with or without the GAN: arms compare
+n_train = len(data) - holdout  # the held-out pairs are never trained on, with or without the GAN: arms compare
 if n_train < 1:
-    raise SystemExit(f"--d_holdout={d_holdout}: {pairs} holds only {len(data)} pairs, none would be left to train on")
+    raise SystemExit(f"--holdout={holdout}: {pairs} holds only {len(data)} pairs, none would be left to train on")
 abar = T.alphas_cumprod.to(device)
 for knob in ("t_G", "t_D"):
     if not 0 <= globals()[knob] < len(abar):
@@ -420,20 +422,25 @@ if everyone:  # the prompts' conditions, and (master) the teacher's side of ever
 if master:
     with torch.no_grad():
         grid_teacher = T.decode(T.sample(grid_z, grid_cond, grid_uncond, s["steps"], s["guidance"], s["spacing"]))
-if gan and d_holdout and everyone:  # the held-out pairs, for D's score on reals it never trained on
+if holdout and everyone:  # the held-out pairs: how G and D do on pairs they never trained on
     held_z, held_x, held_prompts = zip(*(data[i] for i in range(n_train, len(data))))
     held_z, held_x, held_cond = torch.stack(held_z).to(device), torch.stack(held_x).to(device), encode(list(held_prompts))
 
 
 @torch.no_grad()
-def heldout_score():
-    """D's mean score (as its loss reads the logits) on the held-out real pairs, in micro-batches."""
-    scores, noise = [], torch.Generator().manual_seed(0)  # with t_D > 0 the same noise at every log line
+def heldout_scores():
+    """On the held-out pairs, in micro-batches: G's latent MSE to the teacher's x, and D's mean score (as its loss reads
+    the logits)."""
+    se, scores, noise = 0.0, [], torch.Generator().manual_seed(0)  # with t_D > 0 the same noise at every log line
     for i in range(0, len(held_z), micro):
+        z, x = held_z[i:i + micro], held_x[i:i + micro]
         c = {key: v[i:i + micro] if v is not None else None for key, v in held_cond.items()}
-        with ctx:
-            scores.append(losses.d_score(raw_D(d_view(held_x[i:i + micro], noise), held_z[i:i + micro], **c)))
-    return torch.cat(scores).mean().item()
+        se += (generate(raw_G, z, c) - x).square().sum()
+        if gan:
+            with ctx:
+                scores.append(losses.d_score(raw_D(d_view(x, noise), z, **c)))
+    out = {"mse_heldout": (se / held_x.numel()).item()}
+    return out | {"d_heldout": torch.cat(scores).mean().item()} if gan else out
 
 
 T.unet.to("cpu")  # G and D are copies: the teacher UNet is not needed on the GPU again (3.4 GB for SD1.5, 10 for SDXL)
@@ -570,7 +577,7 @@ while step < max_steps:
         x_out = x_hat.detach().requires_grad_(True)
         loss_rec = regression_loss(x_out, x)
         (grad,) = torch.autograd.grad(loss_rec, x_out)
-        step_terms["g_rec"] = loss_rec.detach()
+        step_terms |= {"g_rec": loss_rec.detach(), "mse": (x_hat.detach() - x).square().mean()}  # mse: G's latent fit
         if gan:
             with ctx:
                 loss_adv = losses.gan_loss_g(D_frozen(d_view(x_out), z, **cond))
@@ -642,8 +649,8 @@ while step < max_steps:
                 stop(f"step {s}: {bad} is {t[bad]} (the first term to go non-finite)")
         avg = {key: sum(t[key] for _, t in history if key in t) / sum(key in t for _, t in history)
                for key in dict.fromkeys(key for _, t in history for key in t)}
-        if gan and d_holdout and everyone:  # an overfitting D scores these like fakes while its training reals score high
-            avg["d_heldout"] = heldout_score()
+        if holdout and everyone:  # G and D on pairs they never trained on, beside mse and d_real on the ones they did
+            avg |= heldout_scores()
         dt = (time.time() - t_last) / n
         mem = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else ""
         log(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in avg.items())

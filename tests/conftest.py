@@ -64,7 +64,7 @@ def toy_student(toy_world, run, tmp_path_factory):
     teacher): the folder holding its ckpt.pt. Tests copy what they change."""
     out = tmp_path_factory.mktemp("toy_student")
     r = run(["train.py", f"--teacher={toy_world}/sd", f"--pairs={toy_world}/pairs", f"--out_dir={out}", "--max_steps=2",
-             "--batch_size=4", "--gan=False", "--regression=l2", "--ema_decay=0.5", "--lr_g=1e-3", "--d_holdout=0"])
+             "--batch_size=4", "--gan=False", "--regression=l2", "--ema_decay=0.5", "--lr_g=1e-3", "--holdout=0"])
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 

@@ -19,7 +19,7 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
 
 def args(out, teacher, pairs, lpips, **kw):
     base = dict(teacher=teacher, pairs=pairs, lpips=lpips, out_dir=str(out), batch_size=4, log_interval=1,
-                sample_interval=1000, ckpt_interval=1000, r1_interval=1, warmup=1, lr_g=1e-3, lr_d=1e-3, d_holdout=4)
+                sample_interval=1000, ckpt_interval=1000, r1_interval=1, warmup=1, lr_g=1e-3, lr_d=1e-3, holdout=4)
     return [f"--{k}={v}" for k, v in (base | kw).items()]
 
 

@@ -261,7 +261,7 @@ def test_seeds_runs_each_seed_and_resumes(tmp_path, run):
     """Two seeds, two at a time, on the committed toy world with a few pairs: the first run makes the pairs, then
     both train and write their metrics; the same command again finds them finished and only prints the table."""
     cmd = ["-m", "toy.seeds", f"--out_dir={tmp_path}/rec", "--seeds=3,4", "--jobs=2", f"--pairs={tmp_path}/pairs",
-           "--toy_pairs=12", "--d_holdout=2", "--batch_size=4", "--max_steps=1", "--eval_samples=4"]
+           "--toy_pairs=12", "--holdout=2", "--batch_size=4", "--max_steps=1", "--eval_samples=4"]
     r = run(cmd)
     assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
     assert all((tmp_path / "rec" / f"seed{s}" / "metrics.json").exists() for s in (3, 4))

@@ -17,7 +17,7 @@ def world(toy_world):
 def args(world, out, **kw):
     base = dict(teacher=f"{world}/sd", pairs=f"{world}/pairs", lpips=f"{world}/toy_latest_vgg16_tuned.safetensors",
                 out_dir=str(out), batch_size=4, log_interval=1, sample_interval=1000, ckpt_interval=1000,
-                r1_interval=2, warmup=1, lr_g=1e-3, lr_d=1e-3, d_holdout=4)
+                r1_interval=2, warmup=1, lr_g=1e-3, lr_d=1e-3, holdout=4)
     return [f"--{k}={v}" for k, v in (base | kw).items()]
 
 
@@ -112,19 +112,25 @@ def test_r1_is_not_clipped_with_the_d_loss(world, tmp_path, monkeypatch, capsys,
 
 def test_the_log_shows_d_health(world, tmp_path, monkeypatch, capsys, run, root):
     """Every log line has D's scores on reals, fakes, mix-and-match fakes and held-out reals, the share of reals
-    it calls real, and G's adversarial-to-regression gradient ratio; the held-out pairs are never trained on."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=2, mix_match=0.5, d_holdout=8)])
+    it calls real, G's adversarial-to-regression gradient ratio, and G's latent MSE to the teacher on its batches and
+    on the held-out pairs (the latter recomputed here from the G the run ends with); the held-out pairs are never
+    trained on."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=2, mix_match=0.5, holdout=8)])
     g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
     assert len(lines) == 2
     for line in lines:
-        for key in ("d_real", "d_fake", "d_mm", "d_real_pos", "d_heldout", "adv_rec"):
+        for key in ("d_real", "d_fake", "d_mm", "d_real_pos", "d_heldout", "adv_rec", "mse", "mse_heldout"):
             assert f"| {key} " in line, (key, line)
     assert g["n_train"] == 16 and len(g["held_z"]) == 8
+    logged = float(lines[-1].split("| mse_heldout ")[1].split(" ")[0])
+    with torch.no_grad():
+        mse = (g["generate"](g["raw_G"], g["held_z"], g["held_cond"]) - g["held_x"]).square().mean().item()
+    assert abs(logged - mse) < 1e-4 * max(1.0, mse), (logged, mse)
     for e in range(3):  # every epoch visits the first 16 pairs, each once, and never the last 8
         assert sorted(g["epoch_order"](e).tolist()) == list(range(16))
-    r = run(["train.py", *args(world, tmp_path / "all", max_steps=1, d_holdout=24)])
-    assert r.returncode != 0 and "--d_holdout=24" in r.stderr and "none would be left" in r.stderr, r.stderr[-2000:]
+    r = run(["train.py", *args(world, tmp_path / "all", max_steps=1, holdout=24)])
+    assert r.returncode != 0 and "--holdout=24" in r.stderr and "none would be left" in r.stderr, r.stderr[-2000:]
 
 
 def test_D_judges_latents_noised_to_t_D(world, tmp_path, monkeypatch, root):
@@ -139,7 +145,7 @@ def test_D_judges_latents_noised_to_t_D(world, tmp_path, monkeypatch, root):
     monkeypatch.setattr(discriminator.Discriminator, "forward", spy)
     for t in (0, 200):
         monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path / str(t), max_steps=1, t_D=t, mix_match=0,
-                                                            r1_interval=1, d_holdout=0)])
+                                                            r1_interval=1, holdout=0)])
         g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
     a = g["abar"][200]
     (clean_d, clean_g), (noisy_d, noisy_g, noisy_r1) = seen[0][:2], seen[200]  # D step (8 = 4 real + 4 fake), G, R1
@@ -396,7 +402,7 @@ def test_interrupted_toy_pairs_are_finished_by_the_same_command(tmp_path, run):
     """The toy world (teacher=toy) makes its pairs on the first run; if that was interrupted (here: a shard deleted,
     as a kill between shards leaves it), the same command finishes them and trains, with no flag to learn."""
     cmd = ["train.py", "--teacher=toy", f"--pairs={tmp_path}/pairs", "--toy_pairs=12", "--batch_size=4",
-           "--max_steps=1", "--eval_samples=0", "--d_holdout=2", "--sample_interval=1000", f"--out_dir={tmp_path}/a"]
+           "--max_steps=1", "--eval_samples=0", "--holdout=2", "--sample_interval=1000", f"--out_dir={tmp_path}/a"]
     r = run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     (tmp_path / "pairs" / "shard-000000.safetensors").unlink()
