@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 out_dir = "out/toy"  # checkpoints, sample grids, log and metrics
 teacher = "toy"  # 'toy' = the toy world's (toy/weights/sd); else a diffusers folder, single file or hub id
 pairs = "pairs/toy"  # a make_pairs.py folder; for the toy it is made here when missing
-toy_pairs = 4000  # toy only: how many pairs to make (one per training caption). 4,000 keep the quick start short;
+toy_pairs = 4000  # toy only: how many pairs to make (one per training caption). 4,000 keeps the quick start short;
 # runs of thousands of steps learn them by heart (mse_heldout >> mse) and want more (toy/README.md: 64,000)
 holdout = 64  # the folder's last pairs, never trained on. Logged on them: G's latent MSE to the teacher's x
 # (mse_heldout; far above mse, the training batches', G is memorising its pairs) and D's score (d_heldout; far below
@@ -440,7 +440,9 @@ def heldout_scores():
             with ctx:
                 scores.append(losses.d_score(raw_D(d_view(x, noise), z, **c)))
     out = {"mse_heldout": (se / held_x.numel()).item()}
-    return out | {"d_heldout": torch.cat(scores).mean().item()} if gan else out
+    if gan:
+        out["d_heldout"] = torch.cat(scores).mean().item()
+    return out
 
 
 T.unet.to("cpu")  # G and D are copies: the teacher UNet is not needed on the GPU again (3.4 GB for SD1.5, 10 for SDXL)
