@@ -153,6 +153,10 @@ if batch_size % (world * grad_accum):
     raise SystemExit(f"--batch_size={batch_size} must divide by the number of processes ({world}) x "
                      f"--grad_accum={grad_accum}")
 micro = batch_size // (world * grad_accum)
+if gan and mix_match > 0 and micro < 2:  # roll(1) of a one-sample batch is the sample itself: a real labelled fake
+    raise SystemExit(f"--mix_match={mix_match} needs 2 or more samples per micro-batch (--batch_size={batch_size} over "
+                     f"{world} process(es) x --grad_accum={grad_accum} gives 1): a mismatched fake takes the noise and "
+                     "prompt of another sample of its micro-batch. Lower --grad_accum, or set --mix_match=0")
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 ptdtype, ptdtype_g = DTYPES[dtype], DTYPES[dtype_g]
 ctx, ctx_g = autocast(device, ptdtype), autocast(device, ptdtype_g)

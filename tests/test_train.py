@@ -377,7 +377,8 @@ def test_runaway_weights_are_never_checkpointed(world, base, tmp_path, run):
 
 def test_knobs_that_cannot_work_are_refused_by_name(world, tmp_path, monkeypatch, root):
     """Each stops train.py before training, with one message naming the knob (a SystemExit: no traceback)."""
-    for knob in ("--lr_g=3e38", "--lr_d=-1.0", "--batch_size=0", "--grad_accum=3", "--t_D=1000", "--t_G=-1"):
+    for knob in ("--lr_g=3e38", "--lr_d=-1.0", "--batch_size=0", "--grad_accum=3", "--t_D=1000", "--t_G=-1",
+                 "--grad_accum=4"):  # micro-batch 1: no other sample to mismatch with (mix_match)
         monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path), knob, "--max_steps=1"])
         with pytest.raises(SystemExit) as stop:
             runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
