@@ -1,5 +1,6 @@
 """eval.py's COCO protocol: the image transform, the fixed caption draw, the per-rank split, resumable image
 writing, the CLIP-score arithmetic, the messages for missing files and packages, and one whole run on a toy 'COCO'."""
+import io
 import json
 import os
 import sys
@@ -194,10 +195,15 @@ def test_coco_run_on_a_toy_teacher(tmp_path, run):
     np.testing.assert_array_equal(np.asarray(Image.open(ref / "000003.png")), np.asarray(want))
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["captions"] == 5 and res["image_size"] == 256 and "fid" not in res
-    os.remove(tmp_path / "run" / "images" / "000002.png")  # resume: only the missing image is made, identically
+    os.remove(tmp_path / "run" / "images" / "000002.png")  # resume: only the missing image is made, again
     r = run(args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert read_all(tmp_path / "run" / "images") == images
+    again = read_all(tmp_path / "run" / "images")
+    assert {f: v for f, v in again.items() if f != "000002.png"} == {f: v for f, v in images.items() if f != "000002.png"}
+    # made alone instead of in a batch of 2: the same bits on most CPUs, but some BLAS libraries round a GEMM by its
+    # shape (seen on an AVX-512/AMX Xeon), so one 8-bit level of difference is allowed
+    new, old = (np.asarray(Image.open(io.BytesIO(v["000002.png"]))).astype(int) for v in (again, images))
+    assert np.abs(new - old).max() <= 1, np.abs(new - old).max()
     r = run(args[:-4] + ["--teacher_steps=3"] + args[-3:])  # another sampler into the same folder: refused
     assert r.returncode != 0 and "images/settings.json: the images here were made with other settings" in r.stderr
     assert "sampler 'DDIM 2 steps, guidance 3' there, 'DDIM 3 steps, guidance 3' now" in r.stderr, r.stderr[-2000:]
