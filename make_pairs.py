@@ -8,11 +8,10 @@ z and a prompt, and store the (z, prompt, x) pairs that the one-step student reg
 Pair i uses prompt i % len(prompts) and its own noise, randn from a generator seeded with seed + i (CPU, fp32).
 Shard k holds pairs [k*S, (k+1)*S) and is made by one process, in batches that start at its first pair, so the files
 do not depend on the number of processes. Re-running the same command resumes (finished shards are skipped); a folder
-made with another teacher or other settings is refused. On CPU, with an SD1.x/SD2.x teacher, the files are also the
-same bits for any batch size (SDXL's per-sample added embedding still rounds by batch size) and, on most CPUs, any
-thread count (on an AVX-512/AMX Xeon one GEMM of the toy UNet rounds by the thread count: 3e-6, an fp16 step of x at
-most); on a GPU, cuBLAS/cuDNN pick kernels by shape, so there the bits depend on batch_size (never on the process
-count).
+made with another teacher or other settings is refused. On most CPUs, with an SD1.x/SD2.x teacher, the files are also
+the same bits for any batch size and thread count (SDXL's per-sample added embedding still rounds by batch size); an
+AVX-512/AMX Xeon rounds some GEMMs of the toy UNet by both (~1e-5, an fp16 step of x at most). On a GPU, cuBLAS/cuDNN
+pick kernels by shape, so there the bits depend on batch_size (never on the process count).
 
 Prompt files: .txt (one prompt per line, blank lines skipped), .jsonl (one object per line with a "prompt",
 "caption" or "text" field) or .json (COCO captions {"annotations": [{"caption": ...}, ...]}, or a list of strings).
@@ -355,8 +354,8 @@ def main(**overrides):
 
     # generate: this rank's shards, each in batches that start at the shard's first index (so a pair's batch never
     # depends on the process count). On CPU, oneDNN's convolutions round differently for other thread counts and batch
-    # sizes: without it (PyTorch's own im2col + GEMM) the pairs are the same bits however the run is launched, up to
-    # BLAS libraries that split a GEMM by thread count (see the docstring).
+    # sizes: without it (PyTorch's own im2col + GEMM) the pairs are the same bits however the run is launched, on
+    # most CPUs (see the docstring).
     mine = pending[rank::world]
     sizes = {k: min(S, n - k * S) for k in mine}
     pbar = tqdm(total=sum(sizes.values()), unit="pair", desc=f"rank 0 of {world}", disable=not master)

@@ -201,8 +201,8 @@ def test_coco_run_on_a_toy_teacher(tmp_path, run):
     again = read_all(tmp_path / "run" / "images")
     others = lambda files: {f: v for f, v in files.items() if f != "000002.png"}
     assert others(again) == others(images)  # the images that were there are untouched
-    # made alone instead of in a batch of 2: the same bits on most CPUs, but some BLAS libraries round a GEMM by its
-    # shape (seen on an AVX-512/AMX Xeon), so one 8-bit level of difference is allowed
+    # made alone instead of in a batch of 2: oneDNN's convolutions (on by default) and, on some CPUs (an AVX-512/AMX
+    # Xeon), the GEMMs round by batch size, so one 8-bit level of difference is allowed
     new, old = (np.asarray(Image.open(io.BytesIO(v["000002.png"]))).astype(int) for v in (again, images))
     assert np.abs(new - old).max() <= 1, np.abs(new - old).max()
     r = run(args[:-4] + ["--teacher_steps=3"] + args[-3:])  # another sampler into the same folder: refused
