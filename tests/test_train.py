@@ -399,6 +399,18 @@ def test_a_resumed_log_reads_as_one_run(world, base, tmp_path, run):
     assert "resumed from" in (out / "log.txt").read_text()
 
 
+def test_a_fresh_start_replaces_a_stopped_runs_log(world, base, tmp_path, run):
+    """A run killed before its first checkpoint leaves a log and nothing to resume: the next start's log.txt holds
+    its own steps only (toy.seeds reads D's logits from it), not the dead run's lines before them."""
+    out = copy_of(base, tmp_path)
+    for name in ("ckpt.pt", "ckpt.pt.prev"):
+        os.remove(out / name)
+    r = run(["train.py", *args(world, out, max_steps=2, ckpt_interval=1)])
+    assert r.returncode == 0 and "resumed from" not in r.stdout, r.stderr[-3000:]
+    steps = [int(l.split()[1]) for l in (out / "log.txt").read_text().splitlines() if l.startswith("step ")]
+    assert steps == [1, 2], steps
+
+
 def test_interrupted_toy_pairs_are_finished_by_the_same_command(tmp_path, run):
     """The toy world (teacher=toy) makes its pairs on the first run; if that was interrupted (here: a shard deleted,
     as a kill between shards leaves it), the same command finishes them and trains, with no flag to learn."""
