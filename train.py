@@ -481,15 +481,15 @@ if master and wandb_project:
     import wandb
     run = wandb.init(project=wandb_project, config=config)
 log_path = os.path.join(out_dir, "log.txt")
-if master and os.path.exists(log_path):  # a stopped run's log: a resumed run drops what it logged past the checkpoint,
-    # a fresh start (no checkpoint yet, or --resume=False) all of it, so that log.txt always reads as this one run
+if master and step and os.path.exists(log_path):  # a resumed run: drop what the stopped run logged past its checkpoint
     lines = open(log_path).read().splitlines(keepends=True)
     past = next((i for i, l in enumerate(lines) if l.startswith("step ") and int(l[5:].split()[0].rstrip(":")) > step),
-                len(lines)) if step else 0
+                len(lines))
     with open(log_path + ".tmp", "w") as f:
-        f.writelines(lines[:past] + ([f"resumed from {ckpt_path} at step {step}\n"] if step else []))
+        f.writelines(lines[:past] + [f"resumed from {ckpt_path} at step {step}\n"])
     os.replace(log_path + ".tmp", log_path)
-log_file = open(log_path, "a") if master else None
+log_file = open(log_path, "a" if step else "w") if master else None  # a fresh start's log is its own, not appended
+# to a stopped run's (one killed before its first checkpoint, or --resume=False)
 
 
 def log(line, scalars=None):
