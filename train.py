@@ -54,6 +54,9 @@ t_D = 0  # D's fixed timestep: 0 = it judges clean latents (the paper); t > 0 = 
 # the paper: the noise hides fine latent noise in G's output (its eps error x14.6 at t=999) that D otherwise keys on
 # (toy/README.md)
 mix_match = 0.25  # share of the batch added as fakes: real latents with another sample's prompt and noise
+d_real_noise = 0.0  # std of white noise added to every real latent D judges (reals, mix-and-match reals, R1's real,
+# the held-out reals), fresh each step; 0 = off. Not in the paper: G's samples differ from the teacher's by fine
+# latent noise that D keys on; noise on the reals takes that cue away (toy/README.md)
 r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not published: tuned on the toy's 8x8
 # latents; the SD configs scale it by latent area, see config/sd15.py)
 r1_interval = 1  # R1 every step. Departs from the paper's lazy R1 (every 16 steps at 16x the weight): on the toy each
@@ -131,6 +134,8 @@ for knob, b1 in (("lr_g", beta1), ("lr_d", beta1_d)):  # values that cannot work
 for knob in ("batch_size", "grad_accum", "max_steps", "log_interval", "ckpt_interval", "sample_interval", "r1_interval"):
     if globals()[knob] < 1:
         raise SystemExit(f"--{knob}={globals()[knob]}: must be at least 1")
+if not d_real_noise >= 0:
+    raise SystemExit(f"--d_real_noise={d_real_noise}: the std of the noise on D's reals, 0 (off) or more")
 if parallel not in ("ddp", "fsdp") or optim_dtype not in ("float32", "bfloat16", "8bit"):
     raise SystemExit(f"--parallel={parallel} --optim_dtype={optim_dtype}: parallel is ddp or fsdp; optim_dtype is "
                      "float32, bfloat16 or 8bit")
@@ -441,6 +446,7 @@ def heldout_scores():
         c = {key: v[i:i + micro] if v is not None else None for key, v in held_cond.items()}
         se += (generate(raw_G, z, c) - x).square().sum()
         if gan:
+            x = x + d_real_noise * torch.randn(x.shape, generator=noise).to(x) if d_real_noise else x  # as D's reals
             with ctx:
                 scores.append(losses.d_score(raw_D(d_view(x, noise), z, **c)))
     out = {"mse_heldout": (se / held_x.numel()).item()}
@@ -561,7 +567,8 @@ while step < max_steps:
             shift = lambda v: v.roll(1, 0)[:k]  # sample i gets sample i-1's noise and prompt
             cat = lambda a, b: torch.cat([a, a, b]) if a is not None else None
             d_cond = {key: cat(v, shift(v) if v is not None else None) for key, v in cond.items()}
-            x_d = d_view(torch.cat([x, x_hat.detach(), x[:k]]))  # fp32, as D sees them (noised when t_D > 0)
+            x_r = x + d_real_noise * torch.randn_like(x) if d_real_noise else x  # the reals as D judges them
+            x_d = d_view(torch.cat([x_r, x_hat.detach(), x_r[:k]]))  # fp32, as D sees them (noised when t_D > 0)
             with ctx:
                 logits = D(x_d, torch.cat([z, z, shift(z)]), **d_cond)
             B = len(x)
