@@ -311,9 +311,9 @@ def test_two_gloo_processes_keep_G_identical(world, tmp_path, run):
 
 def test_two_gloo_processes_equal_one_process(world, tmp_path, run):
     """DDP averages G's and D's gradients (R1's included) over ranks: two processes with micro-batches of 2 make the
-    same steps as one process with the batch of 4. L2, no mix-and-match and R1 on every sample: what is drawn per
-    rank or per sample would differ by design."""
-    kw = dict(max_steps=2, r1_interval=1, r1_single=False, regression="l2", mix_match=0)
+    same steps as one process with the batch of 4. L2, no mix-and-match, no noise on D's reals and R1 on every sample:
+    what is drawn per rank or per sample would differ by design."""
+    kw = dict(max_steps=2, r1_interval=1, r1_single=False, regression="l2", mix_match=0, d_real_noise=0)
     r = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              *args(world, tmp_path / "ddp", **kw)])
     assert r.returncode == 0, r.stderr[-3000:]
