@@ -52,14 +52,16 @@ def test_sharded_checkpoints_change_world_size_and_survive_a_killed_save(toy_wor
     G, EMA and D after step 3 agree, from the killed process and from the last run. Two micro-steps of 2 per rank, or
     of 4 in one process; R1 at a weight that moves D (1e5: 0.8 of D's update over 3 steps) on every sample of the
     first micro-step, its exact double backward in the DDP run: under FSDP it runs on D's gathered weights. L2 and no
-    mix-and-match: what is drawn per rank would differ between world sizes by design (test_sdxl_end_to_end_with_fsdp
-    compares them with DDP at the same world size). The one-process runs run in this process, as `python train.py`
-    would (only torchrun's two start fresh Pythons), and each run saves once, at its last step."""
+    mix-and-match or noise on D's reals: what is drawn per rank would differ between world sizes by design
+    (test_sdxl_end_to_end_with_fsdp compares them with DDP at the same world size). The one-process runs run in this
+    process, as `python train.py` would (only torchrun's two start fresh Pythons), and each run saves once, at its
+    last step."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     w = toy_world
     files = dict(teacher=w / "sd", pairs=w / "pairs", lpips=w / "toy_latest_vgg16_tuned.safetensors")
-    kw = dict(max_steps=3, batch_size=8, grad_accum=2, regression="l2", mix_match=0, r1_single=False, r1_gamma=100000)
+    kw = dict(max_steps=3, batch_size=8, grad_accum=2, regression="l2", mix_match=0, d_real_noise=0, r1_single=False,
+              r1_gamma=100000)
     one, sharded = tmp_path / "one", tmp_path / "sharded"
 
     def here(out, max_steps, *more):  # train.py in this process; with --parallel=fsdp a process group of one, which
