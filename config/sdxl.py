@@ -13,11 +13,9 @@ regression = "e-latent-lpips"
 # enter: R1 is on one sample and D's loss is a batch mean, neither grows with the batch
 r1_gamma = 25.6  # R1 every step (train.py's default) adds the cost of most of a step at SD1.5 size (R1 401 ms
 # beside a 534 ms step, bench.md); --r1_interval=16 is the paper's lazy R1, which the toy's D did not survive
-# Noise on D's reals: a std per latent element (SD's scaled latents have std ~1, as the toy's do), so it does not
-# scale with the area. 0.3 with lambda_gan 0.3 is train.py's default, set on the toy and untested at this size;
-# --d_real_noise=0 shows D clean reals, as the paper does
-d_real_noise = 0.3
-lambda_gan = 0.3
+# d_real_noise and lambda_gan keep train.py's defaults (0.3 and 0.3, set on the toy, untested at this size): the
+# noise is a std per latent element, and SD's scaled latents have std ~1 as the toy's do, so it does not scale
+# with the area as gamma does. --d_real_noise=0 shows D clean reals, as the paper does
 batch_size = 64
 grad_accum = 4
 max_steps = 20000
