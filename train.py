@@ -59,6 +59,9 @@ d_real_noise = 0.3  # std of white noise added to every real latent D judges (re
 # the held-out reals), fresh each step; 0 = off (the paper). Not in the paper: G's samples differ from the teacher's by
 # fine latent noise that D keys on; noise on the reals takes that cue away. In units of the scaled latent (std ~1 for
 # the toy and SD alike); on the toy it gains 2.4 FID-like points over E-LatentLPIPS alone at 1,000 steps (toy/README.md)
+d_real_noise_mode = "fixed"  # 'fixed': the noise's std is d_real_noise; 'error': d_real_noise x the rms of G's latent
+# error (G(z, c) - x) on this step's batch, so the noise shrinks as G learns. Not in the paper: a fixed std stops
+# helping once G's error falls to it (at 4,000 steps on the toy: D's noised reals as noisy as G's samples)
 r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not published: tuned on the toy's 8x8
 # latents; the SD configs scale it by latent area, see config/sd15.py)
 r1_interval = 1  # R1 every step. Departs from the paper's lazy R1 (every 16 steps at 16x the weight): on the toy each
@@ -136,8 +139,9 @@ for knob, b1 in (("lr_g", beta1), ("lr_d", beta1_d)):  # values that cannot work
 for knob in ("batch_size", "grad_accum", "max_steps", "log_interval", "ckpt_interval", "sample_interval", "r1_interval"):
     if globals()[knob] < 1:
         raise SystemExit(f"--{knob}={globals()[knob]}: must be at least 1")
-if not d_real_noise >= 0:
-    raise SystemExit(f"--d_real_noise={d_real_noise}: the std of the noise on D's reals, 0 (off) or more")
+if not d_real_noise >= 0 or d_real_noise_mode not in ("fixed", "error"):
+    raise SystemExit(f"--d_real_noise={d_real_noise} --d_real_noise_mode={d_real_noise_mode}: the noise on D's reals "
+                     "is 0 (off) or more, its mode fixed or error")
 if parallel not in ("ddp", "fsdp") or optim_dtype not in ("float32", "bfloat16", "8bit"):
     raise SystemExit(f"--parallel={parallel} --optim_dtype={optim_dtype}: parallel is ddp or fsdp; optim_dtype is "
                      "float32, bfloat16 or 8bit")
@@ -448,7 +452,7 @@ def heldout_scores():
         c = {key: v[i:i + micro] if v is not None else None for key, v in held_cond.items()}
         se += (generate(raw_G, z, c) - x).square().sum()
         if gan:
-            x = x + d_real_noise * torch.randn(x.shape, generator=noise).to(x) if d_real_noise else x  # as D's reals
+            x = x + noise_std * torch.randn(x.shape, generator=noise).to(x) if d_real_noise else x  # as D's reals
             with ctx:
                 scores.append(losses.d_score(raw_D(d_view(x, noise), z, **c)))
     out = {"mse_heldout": (se / held_x.numel()).item()}
@@ -538,6 +542,7 @@ def stop(why):
 # -----------------------------------------------------------------------------
 # the training loop
 batch_iter = batches(step)
+noise_std = d_real_noise  # the std of the noise on D's reals (mode 'error': the last step's, a tensor)
 history = []  # per step of the log interval: (step, {term: value}); values stay on the device until the log line
 t_last, n_last = time.time(), step
 while step < max_steps:
@@ -560,7 +565,8 @@ while step < max_steps:
             if gan:
                 D.require_backward_grad_sync = last
         x_hat = generate(G, z, cond)  # G(z, c), fp32 x0 in the UNet's latent space
-        step_terms = {}
+        mse = (x_hat.detach() - x).square().mean()  # G's latent fit to the teacher's x on this batch
+        step_terms = {"mse": mse}
         if gan:
             # --- D step: real (x, z, c) vs fake (G(z, c), z, c) and mix-and-match fakes (x, z', c')
             raw_D.requires_grad_(True)
@@ -569,7 +575,10 @@ while step < max_steps:
             shift = lambda v: v.roll(1, 0)[:k]  # sample i gets sample i-1's noise and prompt
             cat = lambda a, b: torch.cat([a, a, b]) if a is not None else None
             d_cond = {key: cat(v, shift(v) if v is not None else None) for key, v in cond.items()}
-            x_r = x + d_real_noise * torch.randn_like(x) if d_real_noise else x  # the reals as D judges them
+            if d_real_noise_mode == "error":  # the noise follows G's error (no sync: a tensor on the device)
+                noise_std = d_real_noise * mse.sqrt()
+                step_terms["d_noise"] = noise_std
+            x_r = x + noise_std * torch.randn_like(x) if d_real_noise else x  # the reals as D judges them
             x_d = d_view(torch.cat([x_r, x_hat.detach(), x_r[:k]]))  # fp32, as D sees them (noised when t_D > 0)
             with ctx:
                 logits = D(x_d, torch.cat([z, z, shift(z)]), **d_cond)
@@ -593,7 +602,7 @@ while step < max_steps:
         x_out = x_hat.detach().requires_grad_(True)
         loss_rec = regression_loss(x_out, x)
         (grad,) = torch.autograd.grad(loss_rec, x_out)
-        step_terms |= {"g_rec": loss_rec.detach(), "mse": (x_hat.detach() - x).square().mean()}  # mse: G's latent fit
+        step_terms["g_rec"] = loss_rec.detach()
         if gan:
             with ctx:
                 loss_adv = losses.gan_loss_g(D_frozen(d_view(x_out), z, **cond))
