@@ -61,7 +61,8 @@ d_real_noise = 0.3  # std of white noise added to every real latent D judges (re
 # the toy and SD alike); on the toy it gains 2.4 FID-like points over E-LatentLPIPS alone at 1,000 steps (toy/README.md)
 d_real_noise_mode = "fixed"  # 'fixed': the noise's std is d_real_noise; 'error': d_real_noise x the rms of G's latent
 # error (G(z, c) - x) on this step's batch, so the noise shrinks as G learns. Not in the paper: a fixed std stops
-# helping once G's error falls to it (at 4,000 steps on the toy: D's noised reals as noisy as G's samples)
+# helping once G's error falls to it (at 4,000 steps on the toy: D's noised reals as noisy as G's samples). With 0.6
+# it gains within the seed spread on the toy at 2,000 steps, so it is not the default (toy/README.md)
 r1_gamma = 0.1  # R1 weight on D's per-sample score, the one its loss reads (not published: tuned on the toy's 8x8
 # latents; the SD configs scale it by latent area, see config/sd15.py)
 r1_interval = 1  # R1 every step. Departs from the paper's lazy R1 (every 16 steps at 16x the weight): on the toy each
