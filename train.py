@@ -567,7 +567,7 @@ while step < max_steps:
                 D.require_backward_grad_sync = last
         x_hat = generate(G, z, cond)  # G(z, c), fp32 x0 in the UNet's latent space
         mse = (x_hat.detach() - x).square().mean()  # G's latent fit to the teacher's x on this batch
-        step_terms = {"mse": mse}
+        step_terms = {}
         if gan:
             # --- D step: real (x, z, c) vs fake (G(z, c), z, c) and mix-and-match fakes (x, z', c')
             raw_D.requires_grad_(True)
@@ -603,7 +603,7 @@ while step < max_steps:
         x_out = x_hat.detach().requires_grad_(True)
         loss_rec = regression_loss(x_out, x)
         (grad,) = torch.autograd.grad(loss_rec, x_out)
-        step_terms["g_rec"] = loss_rec.detach()
+        step_terms |= {"g_rec": loss_rec.detach(), "mse": mse}  # (the order is the log's, and the non-finite check's)
         if gan:
             with ctx:
                 loss_adv = losses.gan_loss_g(D_frozen(d_view(x_out), z, **cond))
