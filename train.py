@@ -84,6 +84,8 @@ beta1_d = 0.0  # D's Adam betas: no momentum, as StyleGAN2 and StyleGAN-T train 
 beta2_d = 0.99
 weight_decay = 0.0
 warmup = 20  # linear learning-rate warmup, in steps
+cooldown = 0.0  # share of max_steps at the end over which both learning rates fall linearly to 0 (0 = constant).
+# Not in the paper; a resumed run with another max_steps moves its cooldown with it
 grad_clip = 1.0  # max gradient norm of G (0 = off)
 grad_clip_d = 1.0  # max gradient norm of D's loss (0 = off); R1's gradient is added after the clip
 grad_clip_r1 = 1.0  # max norm of R1's gradient, clipped on its own (0 = off). Not in the paper: a spike of single-
@@ -140,6 +142,8 @@ for knob, b1 in (("lr_g", beta1), ("lr_d", beta1_d)):  # values that cannot work
 for knob in ("batch_size", "grad_accum", "max_steps", "log_interval", "ckpt_interval", "sample_interval", "r1_interval"):
     if globals()[knob] < 1:
         raise SystemExit(f"--{knob}={globals()[knob]}: must be at least 1")
+if not 0 <= cooldown <= 1:
+    raise SystemExit(f"--cooldown={cooldown}: the share of the steps that cool down is from 0 to 1")
 if not d_real_noise >= 0 or d_real_noise_mode not in ("fixed", "error"):
     raise SystemExit(f"--d_real_noise={d_real_noise} --d_real_noise_mode={d_real_noise_mode}: the noise on D's reals "
                      "is 0 (off) or more, its mode fixed or error")
@@ -386,7 +390,10 @@ def regression_loss(x_hat, x):
 
 
 def lr_at(s, base):
-    return base * min(1.0, (s + 1) / warmup)
+    scale = min(1.0, (s + 1) / warmup)
+    if cooldown > 0:  # the last step keeps 1 / (cooldown * max_steps) of the rate
+        scale *= min(1.0, (max_steps - s) / (cooldown * max_steps))
+    return base * scale
 
 
 def d_view(x, generator=None):

@@ -290,6 +290,15 @@ def test_ema_warmup_follows_G_early(world, tmp_path, run):
         torch.testing.assert_close(ckpt["ema"][k], 0.1 * teacher[k] + 0.9 * ckpt["G"][k])
 
 
+def test_cooldown_lowers_both_learning_rates_to_the_last_step(world, tmp_path, monkeypatch, root):
+    """--cooldown=0.5 over 4 steps: full rate for steps 0-2, half at step 3 ((4 - 3) / (0.5 * 4)), for G and D."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path, max_steps=4, cooldown=0.5)])
+    g = runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+    assert [g["lr_at"](s, 1e-3) for s in range(4)] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+    assert g["opt_g"].param_groups[0]["lr"] == pytest.approx(5e-4)  # the rates the last step used
+    assert g["opt_d"].param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
 def test_mix_and_match_share_survives_small_micro_batches(world, tmp_path, monkeypatch, root):
     """mix_match=0.25 of a micro-batch of 2 is half a sample: every other micro-step mixes one, not none."""
     import discriminator
@@ -408,7 +417,7 @@ def test_runaway_weights_are_never_checkpointed(world, base, tmp_path, run):
 def test_knobs_that_cannot_work_are_refused_by_name(world, tmp_path, monkeypatch, root):
     """Each stops train.py before training, with one message naming the knob (a SystemExit: no traceback)."""
     for knob in ("--lr_g=3e38", "--lr_d=-1.0", "--batch_size=0", "--grad_accum=3", "--t_D=1000", "--t_G=-1",
-                 "--d_real_noise=-0.1", "--d_real_noise_mode=adaptive",
+                 "--d_real_noise=-0.1", "--d_real_noise_mode=adaptive", "--cooldown=1.5",
                  "--grad_accum=4"):  # micro-batch 1: no other sample to mismatch with (mix_match)
         monkeypatch.setattr(sys, "argv", ["train.py", *args(world, tmp_path), knob, "--max_steps=1"])
         with pytest.raises(SystemExit) as stop:
