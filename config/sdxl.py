@@ -22,6 +22,7 @@ max_steps = 20000
 lr_g = 5e-6
 lr_d = 5e-6
 warmup = 500
+cooldown = 0.0  # a constant rate after the warmup, as the paper trains (train.py's 0.3 is the toy's)
 ema_decay = 0.9999
 ema_warmup = True  # decay 1 - 9/(10+step), ~the last 1/9 of the steps (0.99955 at 20k): else 14% teacher weights
 log_interval = 50

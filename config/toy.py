@@ -8,3 +8,6 @@ lpips = "toy"
 gan = True
 batch_size = 64
 max_steps = 400
+lr_g = 3e-4  # G at 3x D's rate, both cooling down linearly to 0 over the last 30% of the steps
+lr_d = 1e-4
+cooldown = 0.3
